@@ -1,0 +1,146 @@
+"""Configuration: one dataclass per concern, YAML files and `--section.key=value` override them.
+
+Defaults live in code, next to the stage that uses them (`data.DataConfig`, `idm.IDMConfig`, …),
+with a comment on every field. A YAML file overrides only what differs; the command line
+overrides the file. Unknown keys and wrong types are errors that name the key, raised before any
+work starts. The resolved config is printed once and saved next to the checkpoints.
+
+    python train.py configs/minicraft_ar.yaml --rl.lr=1e-5 --data.train_clips=256
+"""
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses; the message names the key."""
+
+
+def _check(value, tp, key: str):
+    """Return `value` as type `tp` or raise ConfigError naming `key`. Ints are accepted where a
+    float is expected (YAML writes 1e-5 as a string, so such strings are parsed too); lists are
+    accepted for tuples; nothing else is converted."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):             # `X | None`
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check(value, inner, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {value!r}")
+            return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else typing.Any
+        out = [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def build(cls, overrides: dict, prefix: str = ""):
+    """An instance of dataclass `cls` with its defaults replaced by the nested dict `overrides`."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {overrides!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' * (len(unknown) > 1)} "
+                          f"{', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in overrides.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, key + ".")
+        else:
+            kwargs[name] = _check(value, tp, key)
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {p} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def parse(cls, argv: list[str] | None = None):
+    """Parse `[CONFIG.yaml] [--section.key=value ...]` into (instance of `cls`, config name).
+    The name is the YAML file's stem ("default" without one); it names the run's folder."""
+    argv = sys.argv[1:] if argv is None else argv
+    tree, name = {}, "default"
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: overrides are written --section.key=value")
+            try:
+                value = yaml.safe_load(text)                  # 3 -> int, 1e-5 -> float, a -> str
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{arg}: cannot parse the value: {e}") from None
+            _set(tree, key, value)
+        elif name != "default":
+            raise ConfigError(f"{arg}: only one config file may be given (already have {name})")
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise ConfigError(f"config file {arg} not found (the shipped ones are in configs/)")
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{arg}: not valid YAML: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{arg}: expected sections (a mapping), got {type(loaded).__name__}")
+            cli, tree = tree, loaded
+            for k, v in _flatten(cli):                        # flags given before the file win too
+                _set(tree, k, v)
+            name = path.stem
+    return build(cls, tree), name
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples become lists) for YAML, JSON and checkpoints."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def dump(cfg) -> str:
+    """The resolved config as YAML text (printed once per run and saved as config.yaml)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
