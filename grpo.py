@@ -1,0 +1,173 @@
+"""GRPO as pure functions: group-normalised advantages (paper Eq. 1) and the masked clipped
+surrogate with an optional k3 KL to a reference policy (paper Eq. 2), plus health statistics.
+
+No I/O, no model, no global state: tensors in, tensors and plain-float stats out. One loss serves
+both world models (DESIGN.md "Data flow"):
+  - autoregressive: logp is [N, L] per generated token; the mask drops prompt and action tokens (§4.2);
+  - diffusion: logp is [N, L] per (frame, denoising step) transition; the mask keeps the selected
+    steps τ (§4.3, sde_sampler.select_steps).
+Formulas: reference/grpo_and_sde_math.md §4 and §7(A), (B), (E), (I).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GRPOConfig:
+    eps: float = 0.2  # lower clip ε of Eq. 2: ratio clipped at 1 − eps (paper Tables 6/7 "Clip Ratio" 0.2)
+    eps_high: float | None = None  # upper clip: ratio clipped at 1 + eps_high; None = eps (DAPO clip-higher: 0.28)
+    beta: float = 0.0  # weight of the k3 KL to the reference policy; 0 = no reference model (paper Table 8 tries 1e-4)
+    adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL and Flow-GRPO (ref §4.1)
+    scale: str = "group"  # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
+    adv_clip: float | None = 5.0  # clamp advantages to [−adv_clip, adv_clip] (Flow-GRPO/DanceGRPO); None = off
+    aggregation: str = "grpo"  # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum/(N·L)
+
+
+SCALES = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "token", "dr_grpo")
+
+
+def _check_config(cfg: GRPOConfig) -> None:
+    if cfg.scale not in SCALES:
+        raise ValueError(f"grpo.scale={cfg.scale!r} is not one of {SCALES}; fix the config")
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ValueError(f"grpo.aggregation={cfg.aggregation!r} is not one of {AGGREGATIONS}; fix the config")
+    if cfg.eps < 0 or (cfg.eps_high is not None and cfg.eps_high < 0):
+        raise ValueError(f"grpo.eps={cfg.eps} and grpo.eps_high={cfg.eps_high} must be >= 0")
+
+
+# -----------------------------------------------------------------------------
+# Eq. 1: group-relative advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """Â_i = (R_i − mean_group) / (std + adv_eps), groups = consecutive blocks of `group_size`.
+
+    rewards: [N] with N = n_groups · group_size (train.py repeats each prompt G times in a row).
+    Returns (adv [N] float32, stats) where stats holds plain floats: n_groups, zero_std_groups,
+    zero_std_frac, reward_mean, reward_std, adv_abs_mean.
+    """
+    _check_config(cfg)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    if group_size < 1 or n == 0 or n % group_size != 0:
+        raise ValueError(f"{n} rewards cannot be split into groups of {group_size}; "
+                         f"the batch must hold whole groups (N = n_groups · G)")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"{int((~torch.isfinite(rewards)).sum())} of {n} rewards are not finite; "
+                         f"skip this step and check the reward model")
+    r = rewards.detach().float().view(-1, group_size)  # [n_groups, G]
+    centred = r - r.mean(dim=1, keepdim=True)  # [n_groups, G]
+    # A group whose rewards are all equal carries no signal (ref §6, TRL frac_reward_zero_std).
+    # Test max == min, not std == 0: the float mean of equal values can be 1 ulp off (so centred ≠ 0)
+    # while torch's std is exactly 0, which with adv_eps = 0 would give 0/0.
+    zero_std = r.amax(dim=1) == r.amin(dim=1)  # [n_groups]
+
+    # Population std (ddof = 0), our choice where Eq. 1 just says "std": it is defined for G = 1
+    # and makes each group's advantages an exact z-score. TRL/verl/DanceGRPO use the unbiased std,
+    # which only rescales Â by sqrt((G−1)/G) (0.98 at G = 24), i.e. a slightly smaller step size.
+    if cfg.scale == "group":
+        adv = centred / (r.std(dim=1, correction=0, keepdim=True) + cfg.adv_eps)  # [n_groups, G]
+    elif cfg.scale == "batch":
+        adv = centred / (r.std(correction=0) + cfg.adv_eps)  # [n_groups, G], TRL scale_rewards="batch"
+    else:
+        adv = centred  # [n_groups, G], Dr. GRPO (ref §4.2)
+    adv = torch.where(zero_std[:, None], 0.0, adv)  # [n_groups, G]  exactly 0 for zero-std groups
+    if cfg.adv_clip is not None:
+        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)  # ref §7(A), A_max = 5
+    adv = adv.reshape(n)  # [N]
+
+    stats = {
+        "n_groups": float(r.shape[0]),
+        "zero_std_groups": float(zero_std.sum()),
+        "zero_std_frac": float(zero_std.float().mean()),
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std(correction=0)),
+        "adv_abs_mean": float(adv.abs().mean()),
+    }
+    return adv, stats
+
+
+# -----------------------------------------------------------------------------
+# Eq. 2: masked clipped surrogate + β·k3 KL
+
+
+def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean of x over entries where m = 1; 0 when the mask is empty (no NaN)."""
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                cfg: GRPOConfig, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Masked clipped GRPO loss (negated Eq. 2, so lower is better) and its health statistics.
+
+    logp      [N, L] log-probs under the current policy θ (differentiable)
+    old_logp  [N, L] log-probs recorded at rollout (θ_old; treated as constants)
+    adv       [N]    one advantage per sequence, broadcast over its L entries
+    mask      [N, L] 1/True where the entry is trained; a row may be all zero
+    ref_logp  [N, L] log-probs under the frozen reference; in the loss when cfg.beta > 0, logged if given
+    Returns (loss 0-d tensor, stats of plain floats; ratio_mean_per_col is a tuple of L floats).
+    """
+    _check_config(cfg)
+    if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"logp, old_logp and mask must all be [N, L]; got {tuple(logp.shape)}, "
+                         f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
+    if adv.shape != logp.shape[:1]:
+        raise ValueError(f"adv must be [N] = [{logp.shape[0]}], got {tuple(adv.shape)}")
+    use_kl = cfg.beta > 0
+    if use_kl and ref_logp is None:
+        raise ValueError(f"grpo.beta={cfg.beta} > 0 needs ref_logp; pass the reference policy's "
+                         f"log-probs or set grpo.beta=0")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must be [N, L] = {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    eps_low = cfg.eps
+    eps_high = cfg.eps if cfg.eps_high is None else cfg.eps_high
+
+    m = mask.to(torch.float32)  # [N, L]
+    keep = m > 0  # [N, L]
+    # Masked entries may hold anything (padding, -inf); zero them before exp so no NaN leaks into
+    # the loss or its gradient.
+    log_ratio = torch.where(keep, logp.float() - old_logp.detach().float(), 0.0)  # [N, L]
+    ratio = torch.exp(log_ratio)  # [N, L]  ρ_{i,t}
+    a = adv.detach().float()[:, None]  # [N, 1]  Â_{i,t} = Â_i
+
+    # Eq. 2, negated: −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (ref §7(B))
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)  # [N, L]
+    per_token = -surrogate  # [N, L]
+    k3 = None
+    if ref_logp is not None:
+        # k3 estimator of KL[π_θ‖π_ref]: e^δ − δ − 1 with δ = log π_ref − log π_θ (ref §4.1), ≥ 0
+        delta = torch.where(keep, ref_logp.detach().float() - logp.float(), 0.0)  # [N, L]
+        k3 = torch.exp(delta) - delta - 1.0  # [N, L]
+    if use_kl:
+        per_token = per_token + cfg.beta * k3  # [N, L]  ℓ = ℓ^pg + β·k3 (ref §7(B))
+
+    # Aggregation (ref §4.3 and §7(B)); an all-masked row contributes 0 and divides by 1, not 0.
+    n_seq, max_len = logp.shape
+    if cfg.aggregation == "grpo":
+        per_seq = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [N]  (1/|o_i|) Σ_t
+        loss = per_seq.mean()  # (1/G) Σ_i
+    elif cfg.aggregation == "token":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)  # DAPO: Σ_{i,t} / Σ_i |o_i|
+    else:
+        loss = (per_token * m).sum() / (n_seq * max_len)  # Dr. GRPO: Σ_{i,t} / (N · L_max)
+
+    # Health statistics (ref §7(I)), all detached. clip_frac counts ratios outside the trust region.
+    with torch.no_grad():
+        clipped = ((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)).float()  # [N, L]
+        col_count = m.sum(dim=0)  # [L]
+        ratio_col = (ratio * m).sum(dim=0) / col_count.clamp(min=1.0)  # [L]
+        ratio_col = torch.where(col_count > 0, ratio_col, float("nan"))  # [L], NaN = column never trained
+        stats = {
+            "loss": float(loss),
+            "clip_frac": float(_masked_mean(clipped, m)),
+            "approx_kl": float(_masked_mean(0.5 * log_ratio ** 2, m)),  # ½·mean (logp − old)²
+            "ratio_mean": float(_masked_mean(ratio, m)),
+            "ratio_mean_per_col": tuple(ratio_col.tolist()),
+            "n_tokens": float(m.sum()),
+        }
+        if k3 is not None:
+            stats["kl_ref"] = float(_masked_mean(k3, m))  # logged whenever ref_logp is given
+    return loss, stats

@@ -1,0 +1,179 @@
+"""grpo.py against hand-worked numbers: Eq. 1 advantages, Eq. 2 clipped surrogate, k3 KL,
+the three aggregations, on-policy gradient, and the health statistics."""
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo import GRPOConfig, group_advantages, policy_loss  # noqa: E402
+
+# Three groups of G = 4: mixed, all equal (zero std), one success.
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
+
+
+def _loss(log_ratio, adv, mask=None, **cfg):
+    """policy_loss with old_logp = 0 so that logp is the log-ratio; returns (loss, stats, grad)."""
+    logp = torch.tensor(log_ratio, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones_like(logp) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    loss, stats = policy_loss(logp, torch.zeros_like(logp), torch.tensor(adv), mask, GRPOConfig(**cfg))
+    loss.backward()
+    return loss, stats, logp.grad
+
+
+# -----------------------------------------------------------------------------
+# Eq. 1
+
+
+def test_group_advantages_hand_z_score():
+    adv, stats = group_advantages(REWARDS, 4, GRPOConfig())
+    a = 0.5 / (0.5 + 1e-4)  # group 1: mean 0.5, population std 0.5
+    sd3 = math.sqrt(0.1875)  # group 3: mean 0.25, population std sqrt(0.75/4)
+    expected = [a, -a, -a, a, 0, 0, 0, 0] + [-0.25 / (sd3 + 1e-4)] * 3 + [0.75 / (sd3 + 1e-4)]
+    torch.testing.assert_close(adv, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert stats["zero_std_groups"] == 1.0
+    assert stats["zero_std_frac"] == pytest.approx(1 / 3)
+    assert stats["n_groups"] == 3.0
+    assert stats["reward_mean"] == pytest.approx(5 / 12)
+    assert stats["reward_std"] == pytest.approx(statistics.pstdev(REWARDS.tolist()), rel=1e-6)
+
+
+def test_group_advantages_batch_and_none_scaling():
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75])
+    adv, _ = group_advantages(REWARDS, 4, GRPOConfig(scale="none"))
+    torch.testing.assert_close(adv, centred, rtol=0, atol=1e-7)  # Dr. GRPO: mean-centred only
+    adv, _ = group_advantages(REWARDS, 4, GRPOConfig(scale="batch"))
+    batch_sd = statistics.pstdev(REWARDS.tolist())  # group mean, batch std (TRL "batch")
+    torch.testing.assert_close(adv, centred / (batch_sd + 1e-4), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_std_group_with_inexact_float_mean_gives_exact_zero():
+    # In float32 the mean of seven 0.1s is 1 ulp off, so std = 7e-9, not 0; with adv_eps = 0 a naive
+    # z-score would hand out advantages of ±1 to a group that carries no signal.
+    rewards = torch.tensor([0.1] * 7 + [0.7] * 7)
+    for adv_eps in (1e-4, 0.0):
+        adv, stats = group_advantages(rewards, 7, GRPOConfig(adv_eps=adv_eps))
+        assert torch.equal(adv, torch.zeros(14))
+        assert stats["zero_std_groups"] == 2.0 and stats["zero_std_frac"] == 1.0
+
+
+def test_advantage_clip():
+    rewards = torch.zeros(30)
+    rewards[0] = 1.0  # p = 1/30: Â = (29/30) / sqrt(p(1 − p)) ≈ 5.38 before the clip
+    raw = (29 / 30) / (math.sqrt(29) / 30 + 1e-4)
+    adv, _ = group_advantages(rewards, 30, GRPOConfig(adv_clip=None))
+    assert adv[0].item() == pytest.approx(raw, rel=1e-5) and raw > 5.0
+    adv, _ = group_advantages(rewards, 30, GRPOConfig(adv_clip=5.0))
+    assert adv[0].item() == 5.0
+
+
+def test_group_advantages_rejects_bad_input():
+    with pytest.raises(ValueError, match="groups of 5"):
+        group_advantages(REWARDS, 5, GRPOConfig())
+    with pytest.raises(ValueError, match="not finite"):
+        group_advantages(torch.tensor([1.0, float("nan")]), 2, GRPOConfig())
+    with pytest.raises(ValueError, match="grpo.scale"):
+        group_advantages(REWARDS, 4, GRPOConfig(scale="std"))
+
+
+# -----------------------------------------------------------------------------
+# Eq. 2
+
+
+@pytest.mark.parametrize("ratio, adv, loss, clipped", [
+    (1.1, 1.0, -1.1, False),  # inside the trust region
+    (1.5, 1.0, -1.2, True),  # Â > 0: ratio capped at 1 + ε
+    (0.5, 1.0, -0.5, False),  # Â > 0, ratio below 1 − ε: pessimistic branch is unclipped
+    (1.5, -1.0, 1.5, False),  # Â < 0, ratio above 1 + ε: unclipped
+    (0.5, -1.0, 0.8, True),  # Â < 0: ratio floored at 1 − ε
+    (0.9, -2.0, 1.8, False),
+])
+def test_clipped_surrogate_hand_values(ratio, adv, loss, clipped):
+    got, _, grad = _loss([[math.log(ratio)]], [adv])
+    assert got.item() == pytest.approx(loss, rel=1e-6)
+    # d(−ρÂ)/d logp = −ρÂ when unclipped; a clipped entry has no gradient.
+    assert grad.item() == pytest.approx(0.0 if clipped else -ratio * adv, abs=1e-6)
+
+
+def test_eps_high_clip_higher():
+    assert _loss([[math.log(1.25)]], [1.0])[0].item() == pytest.approx(-1.2, rel=1e-6)
+    assert _loss([[math.log(1.25)]], [1.0], eps_high=0.28)[0].item() == pytest.approx(-1.25, rel=1e-6)
+    assert _loss([[math.log(1.5)]], [1.0], eps_high=0.28)[0].item() == pytest.approx(-1.28, rel=1e-6)
+    assert _loss([[math.log(0.5)]], [-1.0], eps_high=0.28)[0].item() == pytest.approx(0.8, rel=1e-6)
+
+
+@pytest.mark.parametrize("aggregation, expected", [
+    ("grpo", (-3.2 / 3 + 2.2) / 2),  # per-row means −1.0667 and 2.2, then mean over 2 rows
+    ("token", (-3.2 + 2.2) / 4),  # 4 unmasked tokens
+    ("dr_grpo", (-3.2 + 2.2) / (2 * 4)),  # N · L_max = 8
+])
+def test_aggregations_on_ragged_mask(aggregation, expected):
+    l11 = math.log(1.1)
+    log_ratio = [[l11, l11, 0.0, float("nan")], [l11, -float("inf"), 50.0, float("nan")]]  # junk where masked
+    mask = [[1, 1, 1, 0], [1, 0, 0, 0]]
+    loss, stats, grad = _loss(log_ratio, [1.0, -2.0], mask, aggregation=aggregation)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.isfinite(grad).all() and (grad[torch.tensor(mask) == 0] == 0).all()
+    assert stats["n_tokens"] == 4.0
+
+
+def test_k3_kl_value_and_stat():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[0.5, -0.3]])  # δ = ref − logp
+    k3 = [math.exp(0.5) - 0.5 - 1, math.exp(-0.3) + 0.3 - 1]  # 0.148721, 0.040818
+    cfg = GRPOConfig(beta=0.1, aggregation="token")
+    loss, stats = policy_loss(logp, logp.detach().clone(), torch.zeros(1), torch.ones(1, 2), cfg, ref_logp=ref)
+    assert loss.item() == pytest.approx(0.1 * sum(k3) / 2, rel=1e-6)  # Â = 0: only β·k3 remains
+    assert stats["kl_ref"] == pytest.approx(sum(k3) / 2, rel=1e-6)
+    loss.backward()  # d k3/d logp = 1 − e^δ, times β / 2 tokens
+    expected = [0.1 * (1 - math.exp(0.5)) / 2, 0.1 * (1 - math.exp(-0.3)) / 2]
+    torch.testing.assert_close(logp.grad, torch.tensor([expected]))
+    with pytest.raises(ValueError, match="ref_logp"):
+        policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), cfg)
+
+
+def test_first_on_policy_pass_ratio_one_and_gradient():
+    torch.manual_seed(0)
+    old = torch.randn(3, 5) - 2.0
+    logp = old.clone().requires_grad_(True)
+    adv = torch.tensor([1.5, -0.5, 0.0])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.float32)
+    loss, stats = policy_loss(logp, old, adv, mask, GRPOConfig())
+    loss.backward()
+    assert stats["ratio_mean"] == 1.0 and stats["clip_frac"] == 0.0 and stats["approx_kl"] == 0.0
+    # Eq. 2 at ρ = 1: ∇loss = −(1/N) Σ_i Â_i (1/|o_i|) Σ_t ∇logp_{i,t}
+    expected = -adv[:, None] * mask / mask.sum(dim=1, keepdim=True) / 3  # [N, L]
+    torch.testing.assert_close(logp.grad, expected, rtol=1e-6, atol=1e-7)
+    assert loss.item() == pytest.approx(-(1.5 - 0.5 + 0.0) / 3, rel=1e-6)
+
+
+def test_clip_fraction_approx_kl_and_ratio_per_column():
+    log_ratio = [[0.1, -0.3, 0.0], [0.25, 0.0, 9.0]]  # the 9.0 is masked out
+    mask = [[1, 1, 0], [1, 1, 0]]
+    _, stats, _ = _loss(log_ratio, [1.0, 1.0], mask)
+    # ratios 1.105, 0.741 (< 0.8), 1.284 (> 1.2), 1.0 -> 2 of 4 outside [0.8, 1.2]
+    assert stats["clip_frac"] == 0.5
+    assert stats["approx_kl"] == pytest.approx(0.5 * (0.01 + 0.09 + 0.0625 + 0.0) / 4, rel=1e-5)
+    ratios = [math.exp(0.1), math.exp(-0.3), math.exp(0.25), 1.0]
+    assert stats["ratio_mean"] == pytest.approx(sum(ratios) / 4, rel=1e-6)
+    col = stats["ratio_mean_per_col"]
+    assert col[0] == pytest.approx((ratios[0] + ratios[2]) / 2, rel=1e-6)
+    assert col[1] == pytest.approx((ratios[1] + 1.0) / 2, rel=1e-6)
+    assert math.isnan(col[2])  # a column no row trains (e.g. the final denoising step)
+
+
+def test_all_masked_row_and_all_masked_batch_give_no_nan():
+    logp = torch.tensor([[-1.0, -2.0], [float("nan"), -float("inf")]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    for aggregation in ("grpo", "token", "dr_grpo"):
+        loss, stats = policy_loss(logp, torch.tensor([[-1.0, -2.0], [0.0, 0.0]]), torch.tensor([1.0, 3.0]),
+                                  mask, GRPOConfig(aggregation=aggregation, beta=0.1), ref_logp=torch.zeros(2, 2))
+        loss.backward()
+        assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+        assert all(math.isfinite(v) for k, v in stats.items() if k != "ratio_mean_per_col")
+        logp.grad = None
+    loss, stats = policy_loss(logp, torch.zeros(2, 2), torch.ones(2), torch.zeros(2, 2), GRPOConfig())
+    assert loss.item() == 0.0 and stats["clip_frac"] == 0.0 and stats["n_tokens"] == 0.0
