@@ -9,6 +9,7 @@ There is no learning here.
 
     python minicraft.py --out OUT --clips 64 --seed 1           # 64 clips, clip_<n>.mp4 + .jsonl
     python minicraft.py --sheet assets/minicraft_actions.png      # contact sheet: one row per action
+    python minicraft.py --bench --clips 512                       # frames/s on one core
 
 Rendering is a heightmap ray caster: one 2D ray per screen column walks the grid of block columns
 (DDA), and every pixel of that column takes the first column whose top it passes under. Pitch is a
@@ -18,9 +19,13 @@ millisecond on one core.
 """
 import argparse
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+import data  # env-format actions (VPT/MineRL keys, camera = [pitch, yaw] degrees) and clip files
 
 # ---------------------------------------------------------------------------------------------
 # Constants of the world. They are chosen for visibility at 64x64 pixels, not to copy Minecraft's
@@ -41,16 +46,6 @@ TEX = 8                   # texels per block face side
 # Block kinds. A column is a stack of `height` blocks; its kind picks the textures.
 AIR, GRASS, DIRT, STONE, SAND, TREE, PLANKS, COBBLE, BRICK = range(9)
 HOTBAR = (PLANKS, COBBLE, BRICK, STONE, DIRT, SAND, PLANKS, COBBLE, BRICK)  # block held per slot
-
-# Env-format action: VPT/MineRL key names, camera = [pitch, yaw] degrees (pitch > 0 looks down).
-KEYS = ("ESC", "back", "drop", "forward", *[f"hotbar.{i}" for i in range(1, 10)], "inventory",
-        "jump", "left", "right", "sneak", "sprint", "swapHands", "attack", "use", "pickItem")
-
-
-def noop() -> dict:
-    """The do-nothing action, in the env format MineWorld's validation jsonl stores."""
-    return {**{k: 0 for k in KEYS}, "camera": [0.0, 0.0]}
-
 
 # ---------------------------------------------------------------------------------------------
 # Textures: one 8x8 RGB image per face kind, made procedurally from a fixed seed.
@@ -93,8 +88,28 @@ def _textures() -> np.ndarray:
 (GRASS_TOP_T, GRASS_SIDE_T, DIRT_T, STONE_T, SAND_T, LOG_T, LOG_TOP_T, LEAVES_T, PLANKS_T,
  COBBLE_T, BRICK_T) = range(11)
 TEXTURES = _textures()
-TEXTURES_FLAT = TEXTURES.reshape(-1, 3)                     # [n * 8 * 8, 3] for flat gathers
-HORIZON = np.array([180.0, 210.0, 235.0], np.float32)      # fog colour, the sky at the horizon
+HORIZON = np.array([180.0, 210.0, 235.0])                  # fog colour, the sky at the horizon
+N_FOG, N_SKY = 16, 64     # fog levels; sky gradient levels (elevation -0.6..1.4 rad)
+
+
+def _palette() -> np.ndarray:
+    """Every colour a frame can hold, so that a frame is one gather: uint8 [n, 3]. Ground
+    entries are indexed ((texture * 64 + texel) * 9 + face * 3 + mark) * N_FOG + fog, with face
+    top / x-facing / z-facing shading and mark none / crack / outline; after them come N_SKY
+    sky gradient levels, the sun and a cloud."""
+    face = np.array([1.0, 0.78, 0.62])[None, :, None, None, None]
+    mark = np.array([1.0, 0.35, 0.15])[None, None, :, None, None]
+    fog = np.linspace(0, 1, N_FOG)[None, None, None, :, None]
+    ground = TEXTURES.reshape(-1, 1, 1, 1, 3) * face * mark * (1 - fog) + fog * HORIZON
+    elev = np.arange(N_SKY)[:, None] / (N_SKY / 2) - 0.6
+    sky = np.concatenate([180 - 80 * elev, 210 - 60 * elev, 235 + 20 * elev], 1)
+    return np.clip(np.concatenate([ground.reshape(-1, 3), sky, [[255, 250, 190], [245, 245, 245]]]),
+                   0, 255).astype(np.uint8)
+
+
+PALETTE = _palette()
+SKY = len(PALETTE) - N_SKY - 2                               # palette index of the sky levels,
+SUN, CLOUD = SKY + N_SKY, SKY + N_SKY + 1                    # the sun and a cloud
 # Per kind: texture of the top face, of the upper side levels, of the lower side levels, and how
 # many levels count as "upper" (grass shows its green fringe on the top level, trees show leaves
 # on their top two levels above a trunk).
@@ -291,12 +306,12 @@ class Worlds:
                          - math.tan(math.radians(p.pitch)) for p in ps], np.float32)
         return xs, f, (H / 2 - 0.5) / f + tilt
 
-    def _cast(self, xs: np.ndarray, f: np.ndarray, c: np.ndarray, H: int):
+    def _cast(self, xs: np.ndarray, f: np.ndarray, c: np.ndarray, H: int, prev=False):
         """Cast one horizontal ray per screen column (offsets xs [B, W]) through the grid and
         find, for each of H pixel rows (slope c - row / f, decreasing), the first block column
         the ray passes under. Returns per pixel [B, H, W]: hit (else sky), view distance t,
         side face hit, x-facing side (else z-facing), the slopes [B, H, 1], the flat index of
-        the hit cell and of the cell the ray crossed just before it (index = (b*MAP + z)*MAP + x).
+        the hit cell (index = (b*MAP + z)*MAP + x) and, if `prev`, of the cell crossed before it.
         Everything is float32 with floor(), never float64 `%`: that is 50x slower in numpy."""
         ps, B, W, S = self.players, len(xs), xs.shape[1], VIEW_STEPS
         f32 = np.float32
@@ -311,15 +326,13 @@ class Worlds:
         n = np.arange(S + 1, dtype=f32)
         tx = (np.floor(px) + (dx > 0) - px) / dx + n / np.abs(dx)        # [B, W, S+1]
         tz = (np.floor(pz) + (dz > 0) - pz) / dz + n / np.abs(dz)
-        cross = np.concatenate([tx, tz], -1)                  # [B, W, 2S+2]
-        order = np.argsort(cross, -1)[..., :S]                # [B, W, S]
-        far = np.take_along_axis(cross, order, -1)            # [B, W, S] exit distance of cell k
+        far = np.sort(np.concatenate([tx, tz], -1), -1)[..., :S]   # [B, W, S] exit of cell k
         near = np.concatenate([np.zeros((B, W, 1), f32), far[..., :-1]], -1)  # entry distance
-        xcross = np.concatenate([np.zeros((B, W, 1), bool), order[..., :-1] <= S], -1)
         mid = (near + far) / 2
+        cx = np.floor(px + mid * dx).astype(np.int64) & (MAP - 1)          # [B, W, S] cells
         cell = (np.arange(B)[:, None, None] * MAP * MAP
-                + (np.floor(pz + mid * dz).astype(np.int64) & (MAP - 1)) * MAP
-                + (np.floor(px + mid * dx).astype(np.int64) & (MAP - 1)))  # [B, W, S]
+                + (np.floor(pz + mid * dz).astype(np.int64) & (MAP - 1)) * MAP + cx)
+        xcross = np.concatenate([np.zeros((B, W, 1), bool), cx[..., 1:] != cx[..., :-1]], -1)
         h = self.height.ravel().take(cell)                    # [B, W, S] column heights
         # A ray of slope s passes under the top of column k iff s < S_k (its height at the near
         # or far end is below h); the first hit is the first k whose running max of S_k exceeds
@@ -342,16 +355,19 @@ class Worlds:
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(side, nk, (eye - hk) / -sl)
         t = np.where(hit, t, f32(np.inf))                     # [B, H, W] view distance
+        xface = side & xcross.ravel().take(at)
+        if not prev:
+            return hit, t, side, xface, sl, cell.ravel().take(at)
         first = (np.arange(B)[:, None, None] * W + np.arange(W)) * S
-        prev = cell.ravel().take(np.maximum(at - 1, first))
-        return (hit, t, side, side & xcross.ravel().take(at), sl, cell.ravel().take(at), prev)
+        before = cell.ravel().take(np.maximum(at - 1, first))
+        return hit, t, side, xface, sl, cell.ravel().take(at), before
 
     def targets(self) -> None:
         """Update `aim`: per world the block under the crosshair within reach, as (flat cell
         index within the world, index of the cell before it, side face hit), or ()."""
         tilt = -np.tan(np.radians([p.pitch for p in self.players])).astype(np.float32)
         hit, t, side, _, _, cell, prev = self._cast(
-            np.zeros((self.B, 1), np.float32), np.ones(self.B, np.float32), tilt, 1)
+            np.zeros((self.B, 1), np.float32), np.ones(self.B, np.float32), tilt, 1, prev=True)
         self.aim = [(int(cell[b, 0, 0]) - b * MAP * MAP, int(prev[b, 0, 0]) - b * MAP * MAP,
                      bool(side[b, 0, 0])) if hit[b, 0, 0] and t[b, 0, 0] <= REACH else ()
                     for b in range(self.B)]
@@ -361,7 +377,7 @@ class Worlds:
         B, H, W, ps = self.B, self.H, self.W, self.players
         f32 = np.float32
         xs, f, c = self._view()
-        hit, t, side, xface, sl, cell, _ = self._cast(xs, f, c, H)
+        hit, t, side, xface, sl, cell = self._cast(xs, f, c, H)
 
         # Where the ray meets the block: side faces are textured by (along-face, height), tops
         # by (x, z). Faces facing x and z get different shading so edges read clearly.
@@ -381,32 +397,30 @@ class Worlds:
         tex = np.where(side, np.where(upper, UPPER_T.take(kd), LOWER_T.take(kd)), TOP_T.take(kd))
         tyx = (np.minimum((v * TEX).astype(np.int64), TEX - 1) * TEX
                + np.minimum((u * TEX).astype(np.int64), TEX - 1))   # [B, H, W] texel on the face
-        shade = np.where(side, np.where(xface, f32(0.78), f32(0.62)), f32(1))
         off = np.arange(B) * MAP * MAP
         mined = np.array([p.target for p in ps]) + off        # cracks on the block being mined
         stage = np.array([p.crack for p in ps])[:, None, None]
-        shade *= 1 - f32(0.65) * ((cell == mined[:, None, None]) & (stage > 0)
-                                  & CRACKS.reshape(-1).take(stage * TEX * TEX + tyx))
+        cracked = ((cell == mined[:, None, None]) & (stage > 0)
+                   & CRACKS.reshape(-1).take(stage * TEX * TEX + tyx))
         aim = np.array([a[0] if a else -1 for a in self.aim]) + off   # outline the aimed block
         edge = (np.minimum(u, 1 - u) < 0.07) | (np.minimum(v, 1 - v) < 0.07)
-        shade *= 1 - f32(0.85) * ((cell == aim[:, None, None]) & edge & hit)
-        fog = np.clip((t - FOG[0]) / (FOG[1] - FOG[0]), 0, 1)
-        img = TEXTURES_FLAT.take(tex * TEX * TEX + tyx, 0) * (shade * (1 - fog))[..., None]
-        img += fog[..., None] * HORIZON                       # [B, H, W, 3]
+        outline = (cell == aim[:, None, None]) & edge
+        face = np.where(side, np.where(xface, 1, 2), 0)       # top / x-facing / z-facing
+        mark = np.where(outline, 2, cracked.astype(np.int64))  # none / crack / outline
+        fog = np.clip((t - FOG[0]) * ((N_FOG - 1) / (FOG[1] - FOG[0])), 0, N_FOG - 1)
+        ground = ((tex * TEX * TEX + tyx) * 9 + face * 3 + mark) * N_FOG + fog.astype(np.int64)
 
         # Sky: a gradient by elevation, the sun, and a band of clouds that turns with the view.
         elev = np.arctan(sl[..., 0])                          # [B, H] elevation of each row
         azim = np.array([p.yaw for p in ps])[:, None] + np.degrees(np.arctan(xs))   # [B, W]
-        sky = np.broadcast_to(np.stack([180 - 80 * elev, 210 - 60 * elev, 235 + 20 * elev],
-                                       -1)[:, :, None], (B, H, W, 3)).astype(f32)
         sun = ((np.abs(elev - 0.5) < 0.1)[:, :, None]
                & (np.abs((azim - self.sun_yaw[:, None] + 180) % 360 - 180) < 6)[:, None])
         band = ((azim + self.t * 0.3) % 360 / 360 * 64).astype(np.int64) % 64   # [B, W]
         cloud = (((elev > 0.12) & (elev < 0.3))[:, :, None]
                  & self.clouds.ravel().take(np.arange(B)[:, None] * 64 + band)[:, None])
-        sky[cloud] = 245
-        sky[sun] = (255, 250, 190)
-        np.copyto(img, sky, where=~hit[..., None])
+        sky = np.where(sun, SUN, np.where(cloud, CLOUD, SKY + np.clip(
+            (elev + 0.6) * (N_SKY / 2.0), 0, N_SKY - 1).astype(np.int64)[:, :, None]))
+        img = PALETTE.take(np.where(hit, ground, sky), 0)     # [B, H, W, 3] uint8
 
         for b, p in enumerate(ps):                            # the hand, GUI and crosshair
             self._hand(img[b], p)
@@ -416,7 +430,7 @@ class Worlds:
                 cy, cx = H // 2, W // 2
                 img[b, cy - 1:cy + 2, cx] = 255 - img[b, cy - 1:cy + 2, cx]
                 img[b, cy, [cx - 1, cx + 1]] = 255 - img[b, cy, [cx - 1, cx + 1]]
-        return np.clip(img, 0, 255).astype(np.uint8)
+        return img
 
     def _hand(self, img: np.ndarray, p: Player) -> None:
         """Arm and held block at the bottom right of one view [H, W, 3], animated by attack /
@@ -445,17 +459,16 @@ class Worlds:
     def _sprite(img: np.ndarray, tex: np.ndarray, x0: int, y0: int, size: int) -> None:
         """Draw texture `tex` [8, 8, 3] scaled to a size x size square at (x0, y0), clipped."""
         H, W = img.shape[:2]
-        ys, xs = np.arange(y0, y0 + size), np.arange(x0, x0 + size)
-        ys, xs = ys[(ys >= 0) & (ys < H)], xs[(xs >= 0) & (xs < W)]
-        if len(ys) and len(xs):
-            img[ys[:, None], xs[None]] = tex[((ys - y0) * TEX // size)[:, None],
-                                             ((xs - x0) * TEX // size)[None]]
+        i = np.arange(size) * TEX // size                     # nearest texel per pixel
+        ya, yb, xa, xb = max(y0, 0), min(y0 + size, H), max(x0, 0), min(x0 + size, W)
+        if yb > ya and xb > xa:
+            img[ya:yb, xa:xb] = tex[i[ya - y0:yb - y0]][:, i[xa - x0:xb - x0]]
 
     @staticmethod
     def _gui(img: np.ndarray, kind: str) -> None:
         """Inventory: a grey panel of slots; ESC: the pause menu's darkened screen and buttons."""
         H, W = img.shape[:2]
-        img *= 0.35
+        np.multiply(img, 0.35, out=img, casting="unsafe")
         if kind == "inventory":
             y0, y1, x0, x1 = H // 5, H * 4 // 5, W // 8, W * 7 // 8
             img[y0:y1, x0:x1] = 198
@@ -489,7 +502,7 @@ class Scripted:
 
     def __call__(self, p: Player, aim: tuple) -> dict:
         """The next action for the player `p`, who is looking at block `aim` (or at nothing)."""
-        r, a = self.rng, noop()
+        r, a = self.rng, data.noop_action()
         if self.gui:                                          # a GUI is open: wait, then close
             self.gui -= 1
             if self.gui == 0:
@@ -543,7 +556,7 @@ class Scripted:
 
 
 def clips(n: int | None, seed: int, height: int = 64, width: int = 64, clip_len: int = 16,
-          per_world: int = 8, batch: int = 16):
+          per_world: int = 8, batch: int = 32):
     """Yield `n` clips (forever if None) as (frames uint8 [clip_len, H, W, 3], actions, gui bool
     [clip_len]). actions[t] is the env-format action that produced frames[t] (MineWorld's
     validation convention); actions[0] came before the clip. Clips come from continuous play,
@@ -593,7 +606,7 @@ def contact_sheet(path: str, height: int = 64, width: int = 64, seed: int = 3) -
     for i in range(3):
         acts = []
         for name, keys in rows:
-            a = noop()
+            a = data.noop_action()
             if i == 0 or name not in ("jump", "inventory"):   # taps: press once, then watch
                 a.update(keys)
             acts.append(a)
@@ -601,11 +614,18 @@ def contact_sheet(path: str, height: int = 64, width: int = 64, seed: int = 3) -
         frames.append(worlds.render())
     sheet = np.concatenate(np.concatenate(frames, 2), 0)      # rows of [before, 3 after]
     Image.fromarray(sheet).resize(
-        (4 * width * 3, len(rows) * height * 3), Image.NEAREST).save(path)
+        (4 * width * 2, len(rows) * height * 2), Image.NEAREST).save(path)
     print(f"wrote {path}: rows = " + ", ".join(n for n, _ in rows))
 
 
-def main() -> None:
+def bench(n: int = 256, seed: int = 0, height: int = 64, width: int = 64) -> float:
+    """Frames per second of `clips` in CPU time of this process (numpy runs on one core)."""
+    t = time.process_time()
+    frames = sum(len(f) for f, _, _ in clips(n, seed, height, width))
+    return frames / (time.process_time() - t)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="folder for clip_<n>.mp4 + clip_<n>.jsonl")
     ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips")
@@ -613,18 +633,20 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--sheet", help="write a contact sheet PNG of each action's effect")
-    args = ap.parse_args()
+    ap.add_argument("--bench", action="store_true", help="print frames/s of `clips` (one core)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.bench:
+        print(f"{bench(args.clips, args.seed, args.height, args.width):.0f} frames/s "
+              f"({args.height}x{args.width}, game logic and scripted player included, one core)")
     if args.sheet:
         contact_sheet(args.sheet, args.height, args.width)
     if args.out:
         from tqdm import tqdm
-
-        import data
         for n, (frames, actions, gui) in enumerate(tqdm(
                 clips(args.clips, args.seed, args.height, args.width), total=args.clips,
                 desc="clips")):
             data.write_clip(args.out, n, frames, actions, gui)
-    if not (args.out or args.sheet):
+    if not (args.out or args.sheet or args.bench):
         ap.error("nothing to do: give --out DIR and/or --sheet PNG")
 
 

@@ -1,0 +1,572 @@
+"""MineWorld-style autoregressive world model (paper §4.2; reference/mineworld_vpt_formats.md §1).
+
+A Llama transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU) reads one flat token sequence per
+clip. Each frame contributes its VQ image tokens in raster order, followed by the 11 tokens of the action
+that produces the next frame (Eq. 4; ref §1.5):
+
+    img_0  act(a_1)  img_1  act(a_2)  ...  img_14  act(a_15)  img_15
+
+Parameter names follow HF `LlamaForCausalLM` and MineWorld's `LlamaLVM` (`transformer.*` and
+`tokenizer.model.*`), so a released MineWorld checkpoint loads without renaming. RLIR uses four calls:
+    rollout(model, x0, action_tokens, ...) -> Rollout    batched KV-cache sampling, old log-probs, loss mask
+    log_probs(model, rollout) -> [B, L]                  one differentiable forward, same softmax as the rollout
+    sample_frames(model, x0, action_tokens) -> frames    evaluation sampling (MineWorld: T=1, top-p 0.8)
+    lm_loss(model, frames, action_tokens) -> scalar      next-token pretraining loss on the image tokens
+"""
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTION_VOCAB = 68  # action ids n_codes .. n_codes+67: 65 keys/camera bins, <act_bos>, <null_act>, <act_eos> (§1.5)
+MINEWORLD_HINT = ("MineWorld's weights are on the ModelScope mirror modelscope.cn/models/AI-ModelScope/mineworld "
+                  "(the HF repo is offline, mineworld issue #18)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ARConfig:
+    vocab_size: int = 582  # embedding/lm_head rows: n_codes + 68 action ids + 2 unused (MineWorld: 8262)
+    n_codes: int = 512  # image codebook size = id of the first action token (MineWorld: 8192); = vq.codebook_size
+    hidden: int = 256  # model width H (MineWorld: 1024 / 2048 / 2048)
+    intermediate: int = 768  # SwiGLU width I (MineWorld: 4096 / 4096 / 8192)
+    heads: int = 4  # query heads; head_dim = hidden / heads (MineWorld: 64)
+    kv_heads: int = 2  # key/value heads of grouped-query attention; divides heads (MineWorld: 4)
+    layers: int = 4  # transformer blocks (MineWorld: 20)
+    rope_theta: float = 1e4  # RoPE base θ
+    rms_eps: float = 1e-5  # RMSNorm epsilon
+    frames: int = 16  # frames per clip: 1 given + 15 generated
+    image_tokens: int = 64  # VQ tokens per frame = grid rows × cols (toy 8×8; MineWorld 14×24 = 336)
+    action_tokens: int = 11  # tokens per action (ref §1.5)
+    temperature: float = 1.0  # softmax temperature of training rollouts (> 0)
+    top_p: float = 1.0  # nucleus mass of training rollouts, in (0, 1]; 1.0 = sample the full distribution
+    eval_temperature: float = 1.0  # temperature for evaluation (MineWorld's eval setting: 1.0)
+    eval_top_p: float = 0.8  # nucleus mass for evaluation (MineWorld's eval setting: 0.8)
+    init_from: str = "scratch"  # "scratch", or a checkpoint: MineWorld .ckpt ({"state_dict": ...}) or raw .bin
+
+    @property
+    def frame_len(self) -> int:  # tokens per frame unit, image + action (MineWorld: 347)
+        return self.image_tokens + self.action_tokens
+
+    @property
+    def max_pos(self) -> int:  # RoPE table length, frames × frame_len (MineWorld 16f: 5552), as MineWorld's config
+        return self.frames * self.frame_len
+
+    @property
+    def seq_len(self) -> int:  # L: the clip sequence; no action follows the last frame
+        return self.frames * self.image_tokens + (self.frames - 1) * self.action_tokens
+
+
+@dataclass
+class VQConfig:
+    frame_hw: tuple[int, int] = (64, 64)  # frame height, width in pixels (MineWorld: 224, 384)
+    stride: int = 8  # pixels per latent cell along each side, a power of 2 (MineWorld: 16)
+    codebook_size: int = 512  # number of codes K (MineWorld: 8192); must equal ar.n_codes
+    code_dim: int = 64  # width D of a code vector (MineWorld: 64)
+    channels: int = 64  # conv width of the toy encoder and decoder
+    beta: float = 0.25  # commitment weight β of the VQ-VAE loss (van den Oord et al. 2017, Eq. 3)
+    init_from: str = "scratch"  # "scratch", or tokenizer weights with keys model.* (ours, or MineWorld's vae.ckpt)
+    diffusers_config: str | None = None  # MineWorld's checkpoints/vae/config.json: use diffusers' VQModel instead
+
+    @property
+    def grid(self) -> tuple[int, int]:  # latent rows, cols (toy: 8×8; MineWorld: 14×24)
+        return self.frame_hw[0] // self.stride, self.frame_hw[1] // self.stride
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequence layout (ref §1.5). Clip convention: action_tokens[:, t] holds the tokens of a_t, the action that
+# turns x_{t-1} into x_t, so row 0 is unused (frame 0 is given) and row t+1 follows image t.
+
+
+def build_sequence(image_ids: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:
+    """Interleave [B, F, N] image ids and [B, F, 11] action ids into the clip sequence [B, L]."""
+    body = torch.cat([image_ids[:, :-1], action_tokens[:, 1:]], dim=2)  # [B, F-1, N+11]: img_t then act(a_{t+1})
+    return torch.cat([body.flatten(1), image_ids[:, -1]], dim=1)  # [B, L]
+
+
+def generated_positions(cfg: ARConfig, device=None) -> torch.Tensor:
+    """Bool [L]: True on the image tokens of frames 1..F-1, the only tokens the model generates (§4.2)."""
+    f, n, a = cfg.frames, cfg.image_tokens, cfg.action_tokens
+    is_image = torch.cat([torch.ones(f, n, dtype=torch.bool), torch.zeros(f, a, dtype=torch.bool)], 1)  # [F, N+11]
+    is_image = is_image.flatten()[:cfg.seq_len].to(device)  # [L]
+    is_image[:cfg.frame_len] = False  # frame 0 and act(a_1) are given
+    return is_image
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama transformer (ref §1.3). Module tree and names = HF LlamaForCausalLM: model.embed_tokens,
+# model.layers.{i}.{self_attn,mlp,input_layernorm,post_attention_layernorm}, model.norm, lm_head.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back, then scale: the order HF and MineWorld use
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_pos, head_dim] of rotary embeddings over the full head dim (HF default rope)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)  # [d/2]
+    angles = torch.arange(max_pos).float()[:, None] * inv_freq[None]  # [P, d/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [P, d]: the two halves share frequencies
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin  # x [B, h, T, d], cos/sin [T, d]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.hidden // cfg.heads
+        self.q_proj = nn.Linear(cfg.hidden, cfg.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
+
+    def forward(self, x, cos, sin, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, h, T, d]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, d]
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, d]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # whole sequence at once: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, h, T, d]
+        else:  # write this chunk into the preallocated cache, attend to everything up to it
+            end = start + t
+            cache[0][:, :, start:end], cache[1][:, :, start:end] = k, v
+            k, v = cache[0][:, :, :end], cache[1][:, :, :end]  # [B, kv, end, d]
+            # query at absolute position start+i sees keys 0..start+i; one query token sees all of them
+            pos = torch.arange(end, device=x.device)  # [end]
+            mask = None if t == 1 else pos[None, :] <= pos[start:, None]  # [T, end]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, h, T, d]
+        # enable_gqa lets query head i use kv head i // (heads / kv_heads): HF's repeat_kv / repeat_interleave
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # [B, T, H]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, start, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)  # pre-norm residual
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF `LlamaModel` minus its forward: a container that gives the `model.*` key names."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
+
+
+class Transformer(nn.Module):
+    """HF / MineWorld `LlamaForCausalLM`: untied lm_head, no biases, RoPE tables for max_pos positions."""
+
+    def __init__(self, cfg: ARConfig):
+        super().__init__()
+        if cfg.hidden % cfg.heads or cfg.heads % cfg.kv_heads:
+            raise ValueError(f"ar.hidden ({cfg.hidden}) must be divisible by ar.heads ({cfg.heads}) and ar.heads by "
+                             f"ar.kv_heads ({cfg.kv_heads}); change one of them")
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.hidden // cfg.heads, cfg.max_pos, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [P, d], not in the state dict (as MineWorld)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        for m in self.modules():  # HF's init: N(0, 0.02) for every matrix, ones for the norms
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, start: int = 0, cache: list | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of ids [B, T] at positions start..start+T-1; with `cache`, keys/values are kept."""
+        t = ids.shape[1]
+        if start + t > self.cfg.max_pos:
+            raise ValueError(f"sequence reaches position {start + t} but ar.max_pos is {self.cfg.max_pos} "
+                             f"(= frames × (image_tokens + action_tokens)); raise ar.frames")
+        x = self.model.embed_tokens(ids)  # [B, T, H]
+        cos, sin = self.rope_cos[start:start + t].to(x.dtype), self.rope_sin[start:start + t].to(x.dtype)  # [T, d]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, start, None if cache is None else cache[i])
+        return self.lm_head(self.model.norm(x))  # [B, T, V]
+
+
+def new_cache(transformer: Transformer, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Preallocated per-layer (k, v) buffers [B, kv_heads, length, head_dim], in the model's dtype and device."""
+    cfg, w = transformer.cfg, transformer.lm_head.weight
+    shape = (batch, cfg.kv_heads, length, cfg.hidden // cfg.heads)
+    return [(w.new_zeros(shape), w.new_zeros(shape)) for _ in range(cfg.layers)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VQ tokenizer (ref §1.4). The toy VQ-VAE has the same submodule names as diffusers' VQModel (encoder,
+# quant_conv, quantize.embedding, post_quant_conv, decoder), so one encode/decode path serves both.
+
+
+class Codebook(nn.Module):
+    """Named like diffusers' VectorQuantizer so that its key reads `quantize.embedding.weight`."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(size, dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / size, 1.0 / size)  # VQ-VAE / diffusers init
+
+
+class VQVAE(nn.Module):
+    """Small conv VQ-VAE: log2(stride) stride-2 convs down, as many transposed convs up."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        n_down = cfg.stride.bit_length() - 1
+        if cfg.stride != 2 ** n_down or n_down < 1:
+            raise ValueError(f"vq.stride must be a power of 2 (got {cfg.stride})")
+        c = cfg.channels
+        down = [m for i in range(n_down) for m in (nn.Conv2d(3 if i == 0 else c, c, 4, 2, 1), nn.SiLU())]
+        up = [m for _ in range(n_down) for m in (nn.ConvTranspose2d(c, c, 4, 2, 1), nn.SiLU())]
+        self.encoder = nn.Sequential(*down, nn.Conv2d(c, cfg.code_dim, 3, 1, 1))
+        self.quant_conv = nn.Conv2d(cfg.code_dim, cfg.code_dim, 1)
+        self.quantize = Codebook(cfg.codebook_size, cfg.code_dim)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.code_dim, 1)
+        self.decoder = nn.Sequential(nn.Conv2d(cfg.code_dim, c, 3, 1, 1), nn.SiLU(), *up, nn.Conv2d(c, 3, 3, 1, 1))
+
+
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Ids [B, h, w] of the code nearest (L2) to each latent vector of z [B, D, h, w]; codebook [K, D]."""
+    b, d, h, w = z.shape
+    zf = z.permute(0, 2, 3, 1).reshape(-1, d)  # [B·h·w, D]
+    dist = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ codebook.t() + codebook.pow(2).sum(1)  # [B·h·w, K]
+    return dist.argmin(1).view(b, h, w)
+
+
+def quantize(z: torch.Tensor, codebook: torch.Tensor):
+    """VQ-VAE bottleneck. Returns z_q with a straight-through gradient (forward = codes, backward = identity
+    to z), ids [B, h, w], the codebook loss ||sg[z] − e||² and the commitment loss ||z − sg[e]||²."""
+    ids = nearest_codes(z, codebook)
+    zq = codebook[ids].permute(0, 3, 1, 2)  # [B, D, h, w]
+    codebook_loss = F.mse_loss(zq, z.detach())
+    commit_loss = F.mse_loss(z, zq.detach())
+    return z + (zq - z).detach(), ids, codebook_loss, commit_loss
+
+
+class Tokenizer(nn.Module):
+    """MineWorld's `vae.VAE` wrapper: frames uint8 ↔ ids; `.model` is the toy VQVAE or a diffusers VQModel."""
+
+    def __init__(self, cfg: VQConfig, model: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model if model is not None else VQVAE(cfg)
+
+    def latents(self, frames: torch.Tensor) -> torch.Tensor:
+        """Pre-quantisation latents [B, D, h, w] of frames uint8 [B, H, W, 3]."""
+        if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != (*self.cfg.frame_hw, 3):
+            raise ValueError(f"tokenizer expects uint8 frames [B, {self.cfg.frame_hw[0]}, {self.cfg.frame_hw[1]}, 3], "
+                             f"got {frames.dtype} {tuple(frames.shape)}; resize or set vq.frame_hw")
+        dtype = self.model.quantize.embedding.weight.dtype
+        x = frames.permute(0, 3, 1, 2).to(dtype) / 255.0 * 2 - 1  # [B, 3, H, W]: /255, then Normalize(0.5, 0.5)
+        return self.model.quant_conv(self.model.encoder(x))
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames uint8 [B, H, W, 3] -> ids [B, h·w], row-major (token = row·w + col)."""
+        return nearest_codes(self.latents(frames), self.model.quantize.embedding.weight).flatten(1)
+
+    def decode_latents(self, zq: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder(self.model.post_quant_conv(zq))  # [B, 3, H, W] in about [-1, 1]
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids [B, h·w] -> frames uint8 [B, H, W, 3]: clamp to [-1, 1], then (x+1)/2·255 cast (truncated)."""
+        h, w = self.cfg.grid
+        zq = self.model.quantize.embedding.weight[ids].view(ids.shape[0], h, w, -1).permute(0, 3, 1, 2)  # [B, D, h, w]
+        x = self.decode_latents(zq).float().clamp(-1, 1)  # [B, 3, H, W]
+        return ((x + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1)  # [B, H, W, 3]
+
+    def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """VQ-VAE pretraining loss: MSE reconstruction (in [-1, 1]) + codebook + β·commitment."""
+        target = frames.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1  # [B, 3, H, W]
+        zq, ids, codebook_loss, commit_loss = quantize(self.latents(frames), self.model.quantize.embedding.weight)
+        recon = F.mse_loss(self.decode_latents(zq), target)
+        usage = torch.bincount(ids.flatten(), minlength=self.cfg.codebook_size).float()  # [K]
+        p = usage / usage.sum()
+        perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())  # effective number of codes in this batch
+        loss = recon + codebook_loss + self.cfg.beta * commit_loss
+        stats = dict(recon=recon.item(), codebook=codebook_loss.item(), commit=commit_loss.item(),
+                     perplexity=perplexity.item(), used_codes=int((usage > 0).sum()))
+        return loss, stats
+
+
+def load_mineworld_vae(config_json: str, ckpt: str) -> nn.Module:
+    """MineWorld's tokenizer: diffusers `VQModel.from_config(config.json)` with weights from vae.ckpt
+    ({"state_dict": ...} or raw, keys `model.*`; or .safetensors). diffusers is an optional extra."""
+    for path in (config_json, ckpt):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"MineWorld VAE file not found: {path}. Put checkpoints/vae/config.json and "
+                                    f"checkpoints/vae/vae.ckpt there; {MINEWORLD_HINT}")
+    try:
+        from diffusers import VQModel
+    except ImportError as e:
+        raise ImportError("loading MineWorld's VQ tokenizer needs the optional extra `diffusers` "
+                          "(MineWorld pins 0.32.2): pip install diffusers==0.32.2") from e
+    with open(config_json) as f:
+        vae = VQModel.from_config(json.load(f))
+    if ckpt.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(ckpt)
+    else:
+        sd = read_state_dict(ckpt)
+    if any(k.startswith("model.") for k in sd):  # keys of MineWorld's wrapper; anything else (e.g. a loss) is dropped
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    load_weights(vae, sd, ckpt)
+    return vae
+
+
+# ----------------------------------------------------------------------------------------------------------
+# World model and checkpoints (ref §1.3)
+
+
+class WorldModel(nn.Module):
+    """MineWorld's `LlamaLVM`: `.transformer` (Llama) and `.tokenizer` (frozen VQ; only the transformer trains)."""
+
+    def __init__(self, ar: ARConfig, vq: VQConfig, tokenizer_model: nn.Module | None = None):
+        super().__init__()
+        h, w = vq.grid
+        problems = []
+        if ar.n_codes != vq.codebook_size:
+            problems.append(f"ar.n_codes ({ar.n_codes}) != vq.codebook_size ({vq.codebook_size})")
+        if ar.image_tokens != h * w:
+            problems.append(f"ar.image_tokens ({ar.image_tokens}) != vq grid {h}×{w} = {h * w}")
+        if ar.vocab_size < ar.n_codes + ACTION_VOCAB:
+            problems.append(f"ar.vocab_size ({ar.vocab_size}) < ar.n_codes + {ACTION_VOCAB} action ids")
+        if problems:
+            raise ValueError("inconsistent world-model config: " + "; ".join(problems) + ". Fix the YAML.")
+        self.cfg = ar
+        self.transformer = Transformer(ar)
+        self.tokenizer = Tokenizer(vq, tokenizer_model).requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full causal forward, logits [B, T, V]; calling the module (not .transformer) keeps DDP hooks."""
+        return self.transformer(tokens)
+
+
+def read_state_dict(path: str) -> dict:
+    """A `.bin` is a raw state dict; anything else is a dict holding "state_dict" (Lightning style) or raw."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}. Check init_from; {MINEWORLD_HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(f"{path} holds objects other than tensors and plain containers; re-save it as "
+                           f"{{'state_dict': model.state_dict()}} (we only load with weights_only=True)") from e
+    if path.endswith(".bin") or "state_dict" not in obj:
+        return obj
+    return obj["state_dict"]
+
+
+def load_weights(module: nn.Module, sd: dict, source: str) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped key; dtypes are cast to the module's."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in own if k in sd and sd[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {source} does not match the model config.\n"
+                         f"  missing keys ({len(missing)}): {missing}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+                         f"  mis-shaped keys ({len(shapes)}): {shapes}\n"
+                         f"Check the ar/vq sections (hidden, layers, heads, vocab, codebook) against the checkpoint.")
+    module.load_state_dict(sd)
+
+
+def load_checkpoint(model: WorldModel, path: str) -> None:
+    """Load a MineWorld / rlir checkpoint: keys `transformer.*` and `tokenizer.model.*`; other keys are ignored."""
+    sd = read_state_dict(path)
+    ours = {k: v for k, v in sd.items() if k.startswith(("transformer.", "tokenizer."))}
+    if len(ours) < len(sd):
+        warnings.warn(f"{path}: ignoring {len(sd) - len(ours)} keys outside transformer.* / tokenizer.*")
+    load_weights(model, ours, path)
+
+
+def build_world_model(ar: ARConfig, vq: VQConfig) -> WorldModel:
+    """Model from config: MineWorld's diffusers VQ if vq.diffusers_config, else the toy VQ (vq.init_from
+    weights if given); then the whole model from ar.init_from, which overrides the tokenizer if it holds one."""
+    vae = load_mineworld_vae(vq.diffusers_config, vq.init_from) if vq.diffusers_config else None
+    model = WorldModel(ar, vq, vae)
+    if vae is None and vq.init_from != "scratch":
+        sd = {k.removeprefix("model."): v for k, v in read_state_dict(vq.init_from).items()}  # our tokenizer files
+        load_weights(model.tokenizer.model, sd, vq.init_from)
+    if ar.init_from != "scratch":
+        load_checkpoint(model, ar.init_from)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling (ref §1.6), rollout, log-probs, pretraining loss
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """gpt-fast / MineWorld nucleus: drop tokens whose cumulative mass *before* them (sorted descending)
+    exceeds top_p, renormalise. probs [..., K] -> [..., K]."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [..., K]
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p  # the top token is always kept
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(drop, 0.0))  # [..., K], original order
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def image_log_probs(logits: torch.Tensor, ids: torch.Tensor, n_codes: int, temperature: float) -> torch.Tensor:
+    """log softmax(logits[..., :n_codes] / T) at ids: the full image-vocabulary, temperature-scaled distribution
+    (no top-p), so it is defined and differentiable for every image token. logits [..., V], ids [...]."""
+    logp = (logits[..., :n_codes].float() / temperature).log_softmax(-1)  # [..., K]
+    return logp.gather(-1, ids.clamp(max=n_codes - 1).unsqueeze(-1)).squeeze(-1)  # [...]
+
+
+def sample_image_token(logits: torch.Tensor, n_codes: int, temperature: float, top_p: float,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one image token per row of logits [B, V] from the top-p distribution (exponential race,
+    argmax p / Exp(1), as gpt-fast). Returns ids [B] and their log-prob under the untruncated softmax [B]."""
+    logp = (logits[:, :n_codes].float() / temperature).log_softmax(-1)  # [B, K]: actions can never be drawn
+    probs = top_p_filter(logp.exp(), top_p)  # [B, K]
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # [B, K]
+    ids = (probs / race).argmax(-1)  # [B]
+    return ids, logp.gather(-1, ids[:, None])[:, 0]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled clips. `logp` is taken under the temperature-scaled softmax over the full image
+    vocabulary, not under the top-p-truncated one: GRPO's ratio π_θ/π_old (Eq. 2) must compare one family of
+    distributions, and log_probs recomputes π_θ as a smooth function of θ for every token. The truncated
+    distribution depends on θ through a discrete nucleus (no gradient) and gives log 0 = −inf to a sampled token
+    that falls outside π_θ's nucleus after an update. With top_p < 1 the sampling distribution is then not π_old
+    itself; the ratio treats it as on-policy, as verl and TRL do."""
+
+    tokens: torch.Tensor  # [B, L] long: the whole clip sequence, given and generated
+    logp: torch.Tensor  # [B, L] float, detached: log π_old(token | prefix) at sampling time; 0 where mask is 0
+    mask: torch.Tensor  # [B, L] float: 1 on generated image tokens only (frame 0 and actions masked, §4.2)
+    frames: torch.Tensor  # [B, F, H, W, 3] uint8: x0, then the F-1 decoded generated frames
+    temperature: float  # softmax temperature the log-probs are taken under (log_probs replays it)
+
+
+def check_actions(cfg: ARConfig, action_tokens: torch.Tensor, batch: int) -> None:
+    shape = (batch, cfg.frames, cfg.action_tokens)
+    if tuple(action_tokens.shape) != shape:
+        raise ValueError(f"action_tokens must be {list(shape)} (row t = tokens of a_t, row 0 unused), "
+                         f"got {list(action_tokens.shape)}")
+    used = action_tokens[:, 1:]
+    if used.min() < cfg.n_codes or used.max() >= cfg.n_codes + ACTION_VOCAB:
+        raise ValueError(f"action token ids must lie in [{cfg.n_codes}, {cfg.n_codes + ACTION_VOCAB}); build them "
+                         f"with data.action_to_tokens(action, offset={cfg.n_codes})")
+
+
+@torch.no_grad()
+def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float = 1.0,
+            top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+    """Generate frames 1..F-1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11], the whole batch at once
+    (G rollouts of a prompt are just G rows). Prefill img_0 + act(a_1), then decode one image token per call
+    from a preallocated KV cache; after a frame's last token, that token and the next action go in together
+    (MineWorld's naive_generate). Deterministic given `generator` (on the model's device). `model` is the
+    unwrapped WorldModel: sampling needs no gradient, so DDP is not involved."""
+    cfg, n, a = model.cfg, model.cfg.image_tokens, model.cfg.action_tokens
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    b, device = x0.shape[0], model.transformer.lm_head.weight.device
+    check_actions(cfg, action_tokens, b)
+    action_tokens = action_tokens.to(device)
+    tokens = torch.zeros(b, cfg.seq_len, dtype=torch.long, device=device)  # [B, L]
+    logp = torch.zeros(b, cfg.seq_len, device=device)  # [B, L]
+    tokens[:, :n] = model.tokenizer.encode(x0.to(device))  # img_0
+    tokens[:, n:cfg.frame_len] = action_tokens[:, 1]  # act(a_1)
+    cache = new_cache(model.transformer, b, cfg.seq_len)
+    logits = model.transformer(tokens[:, :cfg.frame_len], 0, cache)[:, -1]  # [B, V]: prefill
+    pos = cfg.frame_len  # next position to fill
+    for t in range(1, cfg.frames):
+        for j in range(n):
+            tokens[:, pos], logp[:, pos] = sample_image_token(logits, cfg.n_codes, temperature, top_p, generator)
+            if t == cfg.frames - 1 and j == n - 1:
+                break
+            step = 1 if j < n - 1 else 1 + a  # the last token of frame t goes in with act(a_{t+1})
+            if step > 1:
+                tokens[:, pos + 1:pos + step] = action_tokens[:, t + 1]
+            logits = model.transformer(tokens[:, pos:pos + step], pos, cache)[:, -1]  # [B, V]
+            pos += step
+    gen = generated_positions(cfg, device)  # [L]
+    ids = tokens[:, gen].view(b, cfg.frames - 1, n)  # [B, F-1, N]
+    decoded = [model.tokenizer.decode(ids[:, t]) for t in range(cfg.frames - 1)]  # F-1 × [B, H, W, 3]
+    frames = torch.stack([x0.to(device), *decoded], dim=1)  # [B, F, H, W, 3]
+    mask = gen.float().expand(b, -1).clone()  # [B, L]
+    return Rollout(tokens=tokens, logp=logp, mask=mask, frames=frames, temperature=temperature)
+
+
+def log_probs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """Differentiable log π_θ(token | prefix) [B, L] from one full forward over the rollout's sequence, under
+    the rollout's softmax (temperature-scaled, full image vocabulary); 0 where mask is 0. `model` may be
+    DDP-wrapped. On the first on-policy pass this equals rollout.logp (KV cache vs. recompute)."""
+    cfg = getattr(model, "module", model).cfg
+    gen = generated_positions(cfg, rollout.tokens.device)  # [L]
+    logits = model(rollout.tokens[:, :-1])  # [B, L-1, V]: position i predicts token i+1
+    lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, gen], cfg.n_codes, rollout.temperature)  # [B, G]
+    out = logits.new_zeros(rollout.tokens.shape, dtype=torch.float32)  # [B, L]
+    out[:, gen] = lp
+    return out
+
+
+def sample_frames(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Evaluation sampling, frames uint8 [B, F, H, W, 3]; defaults to ar.eval_temperature / ar.eval_top_p."""
+    temperature = model.cfg.eval_temperature if temperature is None else temperature
+    top_p = model.cfg.eval_top_p if top_p is None else top_p
+    return rollout(model, x0, action_tokens, temperature, top_p, generator).frames
+
+
+def lm_loss(model: nn.Module, frames: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:
+    """Pretraining loss: mean next-token cross-entropy over the image tokens of frames 1..F-1 (the tokens the
+    world model generates; frame 0 is always given), under the image-vocabulary softmax that sampling uses.
+    frames uint8 [B, F, H, W, 3], action_tokens [B, F, 11]. `model` may be DDP-wrapped."""
+    raw = getattr(model, "module", model)
+    cfg, (b, f) = raw.cfg, frames.shape[:2]
+    check_actions(cfg, action_tokens, b)
+    with torch.no_grad():
+        ids = raw.tokenizer.encode(frames.flatten(0, 1)).view(b, f, -1)  # [B, F, N]
+    tokens = build_sequence(ids, action_tokens.to(ids.device))  # [B, L]
+    gen = generated_positions(cfg, tokens.device)  # [L]
+    logits = model(tokens[:, :-1])  # [B, L-1, V]
+    return -image_log_probs(logits[:, gen[1:]], tokens[:, gen], cfg.n_codes, 1.0).mean()

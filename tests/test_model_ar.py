@@ -1,0 +1,335 @@
+"""Tests for model_ar.py: HF parity, paper-scale sizes, KV cache, log-probs, sampling, checkpoints, VQ."""
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model_ar import (ACTION_VOCAB, ARConfig, Rollout, Transformer, VQConfig, WorldModel, build_sequence,
+                      build_world_model, generated_positions, load_mineworld_vae, log_probs, lm_loss, new_cache,
+                      quantize, rollout, sample_frames, sample_image_token, top_p_filter)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny_configs(**ar_overrides) -> tuple[ARConfig, VQConfig]:
+    """3 frames of 16×16 pixels, stride 8 -> 2×2 = 4 image tokens per frame, 16 codes."""
+    ar = dict(vocab_size=16 + 70, n_codes=16, hidden=32, intermediate=64, heads=4, kv_heads=2, layers=2,
+              frames=3, image_tokens=4)
+    ar.update(ar_overrides)
+    return ARConfig(**ar), VQConfig(frame_hw=(16, 16), stride=8, codebook_size=16, code_dim=8, channels=8)
+
+
+def tiny_model(seed: int = 0, **ar_overrides) -> WorldModel:
+    """Random weights large enough that logits are O(1) and attention is far from uniform."""
+    torch.manual_seed(seed)
+    model = WorldModel(*tiny_configs(**ar_overrides))
+    with torch.no_grad():
+        for p in model.transformer.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def prompt(cfg: ARConfig, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 256, (batch, 16, 16, 3), dtype=torch.uint8, generator=g)
+    shape = (batch, cfg.frames, cfg.action_tokens)
+    actions = torch.randint(cfg.n_codes, cfg.n_codes + ACTION_VOCAB, shape, generator=g)
+    return x0, actions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Architecture
+
+
+def test_logits_match_hf_llama():
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.LlamaConfig(vocab_size=86, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=48,
+                                      rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                      attention_bias=False, mlp_bias=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.5)  # norms too, so a mis-ordered RMSNorm scale would show
+    ours = Transformer(tiny_configs(frames=3, image_tokens=5)[0])  # max_pos = 3 × 16 = 48
+    assert set(ours.state_dict()) == set(hf.state_dict())  # HF / MineWorld key names, no extras
+    ours.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 86, (2, 40))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert expected.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, millions", [("mineworld_300m", 321.0), ("mineworld_700m", 726.0),
+                                            ("mineworld_1200m", 1229.3)])
+def test_paper_scale_parameter_counts(name, millions):
+    sections = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    ar = ARConfig(**{**sections["ar"], "init_from": "scratch"})
+    vq = VQConfig(**{**sections["vq"], "frame_hw": tuple(sections["vq"]["frame_hw"]), "diffusers_config": None})
+    assert (ar.max_pos, ar.seq_len, ar.frame_len) == (5552, 5541, 347)
+    with torch.device("meta"):
+        model = WorldModel(ar, vq)  # also checks n_codes = codebook, 14×24 = 336 tokens, vocab ≥ 8192 + 68
+    n = sum(p.numel() for p in model.transformer.parameters())
+    assert abs(n / 1e6 - millions) < 0.05, n
+    assert model.transformer.model.layers[0].self_attn.k_proj.weight.shape == (256, ar.hidden)  # 4 kv heads × 64
+
+
+def test_default_toy_config_is_consistent_and_bad_configs_are_named():
+    model = WorldModel(ARConfig(), VQConfig())  # 64×64 frames, stride 8 -> 64 tokens, 512 codes, vocab 582
+    assert model.cfg.seq_len == 16 * 64 + 15 * 11 and model.tokenizer.cfg.grid == (8, 8)
+    assert sum(p.requires_grad for p in model.tokenizer.parameters()) == 0  # the tokenizer is frozen
+    with pytest.raises(ValueError, match=r"ar.image_tokens \(64\) != vq grid 4×4 = 16"):
+        WorldModel(ARConfig(), VQConfig(stride=16))
+    with pytest.raises(ValueError, match=r"ar.n_codes \(512\) != vq.codebook_size \(256\)"):
+        WorldModel(ARConfig(), VQConfig(codebook_size=256))
+
+
+def test_sequence_layout_and_mask_positions():
+    cfg = tiny_configs()[0]  # 3 frames, 4 image tokens, 11 action tokens
+    image = torch.arange(12).view(1, 3, 4)  # image ids 0..11, frame t holds 4t..4t+3
+    actions = 100 + torch.arange(33).view(1, 3, 11)  # row t = tokens of a_t; row 0 must not appear
+    seq = build_sequence(image, actions)[0].tolist()
+    assert seq == [0, 1, 2, 3, *range(111, 122), 4, 5, 6, 7, *range(122, 133), 8, 9, 10, 11]
+    assert len(seq) == cfg.seq_len == 34
+    gen = generated_positions(cfg)
+    assert gen.nonzero().flatten().tolist() == [15, 16, 17, 18, 30, 31, 32, 33]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout, KV cache, log-probs
+
+
+def test_kv_cache_logits_equal_full_recompute_along_a_rollout():
+    model = tiny_model()
+    cfg = model.cfg
+    x0, actions = prompt(cfg, batch=3)
+    tokens = rollout(model, x0, actions, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0)).tokens
+    with torch.no_grad():
+        full = model.transformer(tokens)  # [B, L, V]
+        cache = new_cache(model.transformer, 3, cfg.seq_len)
+        # the rollout's schedule: prefill img_0 + act(a_1); single tokens; last image token + next action together
+        chunks, pos = [cfg.frame_len], cfg.frame_len
+        for t in range(1, cfg.frames):
+            for j in range(cfg.image_tokens):
+                step = cfg.frame_len - cfg.image_tokens + 1 if j == cfg.image_tokens - 1 else 1
+                step = min(step, cfg.seq_len - pos)
+                chunks.append(step)
+                pos += step
+        assert sum(chunks) == cfg.seq_len and max(chunks[1:]) == 12
+        cached, start = [], 0
+        for step in chunks:
+            cached.append(model.transformer(tokens[:, start:start + step], start, cache))
+            start += step
+    cached = torch.cat(cached, dim=1)  # [B, L, V]
+    assert full.std() > 0.5
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_log_probs_equal_rollout_logp_on_first_pass():
+    model = tiny_model()
+    x0, actions = prompt(model.cfg, batch=4)
+    ro = rollout(model, x0, actions, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    lp = log_probs(model, ro)
+    assert lp.shape == ro.logp.shape == ro.tokens.shape
+    assert not ro.logp.requires_grad and lp.requires_grad
+    assert (ro.logp[ro.mask.bool()] < 0).all()  # real log-probs where generated, 0 elsewhere
+    torch.testing.assert_close(lp, ro.logp, atol=1e-5, rtol=0)
+    # under a different temperature the same tokens get different log-probs: log_probs replays rollout.temperature
+    other = Rollout(ro.tokens, ro.logp, ro.mask, ro.frames, temperature=1.3)
+    assert (log_probs(model, other) - ro.logp).abs().max() > 1e-2
+    lp.sum().backward()
+    assert model.transformer.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_actions_never_sampled_and_mask_is_generated_image_tokens():
+    model = tiny_model()
+    cfg = model.cfg
+    with torch.no_grad():  # image logits all 0, action logits large: actions dominate the full vocabulary
+        model.transformer.lm_head.weight[:cfg.n_codes] = 0.0
+        model.transformer.lm_head.weight[cfg.n_codes:] *= 20.0
+    x0, actions = prompt(cfg, batch=4)
+    ro = rollout(model, x0, actions, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ro.tokens).argmax(-1) >= cfg.n_codes).float().mean() > 0.9  # the test is not vacuous
+    gen = ro.mask.bool()
+    assert gen.sum(1).tolist() == [(cfg.frames - 1) * cfg.image_tokens] * 4
+    assert (ro.tokens[gen] < cfg.n_codes).all()
+    assert torch.equal(ro.tokens, build_sequence(_image_ids(ro, cfg), actions))  # actions injected unchanged
+    assert (ro.logp[~gen] == 0).all()
+    assert ro.frames.shape == (4, cfg.frames, 16, 16, 3) and ro.frames.dtype == torch.uint8
+    assert torch.equal(ro.frames[:, 0], x0)
+    assert torch.equal(ro.frames[:, 1], model.tokenizer.decode(ro.tokens[:, 15:19]))
+    assert torch.equal(ro.tokens[:, :4], model.tokenizer.encode(x0))
+
+
+def _image_ids(ro: Rollout, cfg: ARConfig) -> torch.Tensor:
+    """Image ids [B, F, N] read back out of a rollout sequence (frame 0 from the front, the rest from the mask)."""
+    b = ro.tokens.shape[0]
+    rest = ro.tokens[:, generated_positions(cfg)].view(b, cfg.frames - 1, cfg.image_tokens)
+    return torch.cat([ro.tokens[:, None, :cfg.image_tokens], rest], dim=1)
+
+
+@pytest.mark.slow
+def test_full_length_default_rollout_log_probs_match():
+    torch.manual_seed(0)
+    model = WorldModel(ARConfig(), VQConfig())
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)
+    actions = torch.randint(512, 512 + ACTION_VOCAB, (2, 16, 11), generator=g)
+    ro = rollout(model, x0, actions, temperature=1.0, top_p=0.8, generator=g)
+    assert ro.frames.shape == (2, 16, 64, 64, 3) and ro.mask.sum() == 2 * 15 * 64
+    torch.testing.assert_close(log_probs(model, ro), ro.logp, atol=1e-5, rtol=0)
+
+
+def test_rollout_is_deterministic_given_a_generator():
+    model = tiny_model()
+    x0, actions = prompt(model.cfg, batch=2)
+    a = rollout(model, x0, actions, generator=torch.Generator().manual_seed(5))
+    b = rollout(model, x0, actions, generator=torch.Generator().manual_seed(5))
+    c = rollout(model, x0, actions, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)
+    assert not torch.equal(a.tokens, c.tokens)
+    frames = sample_frames(model, x0, actions, generator=torch.Generator().manual_seed(5))  # T=1, top-p 0.8
+    assert frames.shape == a.frames.shape
+
+
+def test_rollout_rejects_bad_action_tokens():
+    model = tiny_model()
+    x0, actions = prompt(model.cfg, batch=2)
+    with pytest.raises(ValueError, match=r"action_to_tokens\(action, offset=16\)"):
+        rollout(model, x0, actions - 16)
+    with pytest.raises(ValueError, match=r"\[2, 3, 11\]"):
+        rollout(model, x0, actions[:, :2])
+
+
+def test_lm_loss_is_mean_negative_log_prob_of_generated_image_tokens():
+    model = tiny_model()
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randint(0, 256, (2, cfg.frames, 16, 16, 3), dtype=torch.uint8, generator=g)
+    _, actions = prompt(cfg, batch=2)
+    ids = model.tokenizer.encode(frames.flatten(0, 1)).view(2, cfg.frames, -1)
+    tokens = build_sequence(ids, actions)
+    mask = generated_positions(cfg).float().expand(2, -1)
+    lp = log_probs(model, Rollout(tokens, torch.zeros_like(mask), mask, frames, temperature=1.0))
+    loss = lm_loss(model, frames, actions)
+    torch.testing.assert_close(loss, -lp.sum() / mask.sum())
+    assert loss.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_top_p_masks_by_mass_before_each_token():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    # sorted 0.5, 0.3, 0.15, 0.05; mass before each 0, 0.5, 0.8, 0.95
+    torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    torch.testing.assert_close(top_p_filter(probs, 0.85), torch.tensor([[0.0, 0.5, 0.15, 0.3]]) / 0.95)
+    torch.testing.assert_close(top_p_filter(probs, 0.1), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_sampling_frequencies_follow_the_top_p_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = torch.cat([probs.log(), torch.full((3,), 50.0)])  # 3 huge "action" logits past n_codes = 4
+    n = 20000
+    ids, logp = sample_image_token(logits.expand(n, -1), 4, 1.0, 0.7, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / n
+    assert freq[0] == 0 and freq[2] == 0  # outside the nucleus
+    assert abs(freq[1] - 0.625) < 0.015 and abs(freq[3] - 0.375) < 0.015  # ±3 sd
+    # the log-prob is under the full (untruncated) distribution, not the renormalised nucleus
+    torch.testing.assert_close(logp[ids == 1], torch.full_like(logp[ids == 1], 0.5).log())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_mineworld_layout_checkpoint_loads_and_reproduces_logits(tmp_path):
+    model = tiny_model(seed=7)
+    sd = model.state_dict()
+    assert any(k.startswith("tokenizer.model.quantize.embedding") for k in sd)
+    assert "transformer.model.layers.1.self_attn.k_proj.weight" in sd and "transformer.lm_head.weight" in sd
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "300M_16f.ckpt")
+    torch.save(sd, tmp_path / "raw.bin")
+    x0, actions = prompt(model.cfg, batch=2)
+    expected = model(rollout(model, x0, actions, generator=torch.Generator().manual_seed(0)).tokens)
+    for name in ("300M_16f.ckpt", "raw.bin"):
+        ar, vq = tiny_configs(init_from=str(tmp_path / name))
+        loaded = build_world_model(ar, vq)
+        tokens = rollout(loaded, x0, actions, generator=torch.Generator().manual_seed(0)).tokens
+        torch.testing.assert_close(loaded(tokens), expected, atol=0, rtol=0)
+
+
+def test_checkpoint_with_missing_or_misshaped_key_is_rejected_by_name(tmp_path):
+    sd = tiny_model().state_dict()
+    del sd["transformer.model.layers.1.mlp.up_proj.weight"]
+    sd["transformer.model.norm.weight"] = torch.ones(33)
+    sd["transformer.model.layers.2.mlp.up_proj.weight"] = torch.ones(64, 32)  # a layer the config does not have
+    torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
+    ar, vq = tiny_configs(init_from=str(tmp_path / "bad.ckpt"))
+    with pytest.raises(ValueError) as err:
+        build_world_model(ar, vq)
+    msg = str(err.value)
+    assert "missing keys (1): ['transformer.model.layers.1.mlp.up_proj.weight']" in msg
+    assert "transformer.model.norm.weight: file (33,) vs model (32,)" in msg
+    assert "unexpected keys (1): ['transformer.model.layers.2.mlp.up_proj.weight']" in msg
+    with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
+        build_world_model(*tiny_configs(init_from=str(tmp_path / "nowhere.ckpt")))
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.ckpt")
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        build_world_model(*tiny_configs(init_from=str(tmp_path / "pickled.ckpt")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VQ tokenizer
+
+
+def test_vq_encode_decode_shapes_and_nearest_code():
+    model = tiny_model()
+    frames = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    ids = model.tokenizer.encode(frames)
+    assert ids.shape == (5, 4) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 16
+    z = model.tokenizer.latents(frames).permute(0, 2, 3, 1).reshape(5, 4, -1)  # row-major [B, h·w, D]
+    brute = torch.cdist(z, model.tokenizer.model.quantize.embedding.weight[None]).argmin(-1)
+    assert torch.equal(ids, brute)
+    out = model.tokenizer.decode(ids)
+    assert out.shape == (5, 16, 16, 3) and out.dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"uint8 frames \[B, 16, 16, 3\]"):
+        model.tokenizer.encode(frames.float())
+
+
+def test_vq_straight_through_gradient_and_loss():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-2.0, 3.0]])
+    z = torch.tensor([[0.9, -1.5], [1.2, 2.5]]).view(1, 2, 1, 2).requires_grad_()  # [B, D, h, w], 2 vectors
+    zq, ids, codebook_loss, commit_loss = quantize(z, codebook)
+    assert ids.flatten().tolist() == [1, 2]  # (0.9, 1.2) -> (1, 1); (-1.5, 2.5) -> (-2, 3)
+    torch.testing.assert_close(zq.detach(), torch.tensor([[1.0, -2.0], [1.0, 3.0]]).view(1, 2, 1, 2))
+    weights = torch.randn_like(z)
+    (zq * weights).sum().backward()
+    assert torch.equal(z.grad, weights)  # backward passes straight through the quantizer
+    torch.testing.assert_close(commit_loss, torch.tensor((0.01 + 0.04 + 0.25 + 0.25) / 4))
+    torch.testing.assert_close(codebook_loss, commit_loss)
+    # full loss: the encoder learns (through the straight-through path) and the codebook learns
+    tok = tiny_model().tokenizer.requires_grad_(True)
+    loss, stats = tok.loss(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8))
+    loss.backward()
+    assert tok.model.encoder[0].weight.grad.abs().sum() > 0 and tok.model.quantize.embedding.weight.grad.abs().sum() > 0
+    assert set(stats) == {"recon", "codebook", "commit", "perplexity", "used_codes"} and 1 <= stats["used_codes"] <= 16
+
+
+def test_mineworld_vae_errors_say_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"config.json.*ModelScope"):
+        load_mineworld_vae(str(tmp_path / "config.json"), str(tmp_path / "vae.ckpt"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "vae.ckpt").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # behave as if diffusers were not installed
+    with pytest.raises(ImportError, match=r"pip install diffusers==0.32.2"):
+        load_mineworld_vae(str(tmp_path / "config.json"), str(tmp_path / "vae.ckpt"))
