@@ -15,6 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from data import DataConfig
+from evaluate import EvalConfig
+from grpo import GRPOConfig
+from idm import IDMConfig
+from model_ar import ARConfig, VQConfig
+from sde_sampler import SDEConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses; the message names the key."""
@@ -130,7 +137,7 @@ def _flatten(tree: dict, prefix: str = ""):
 
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples become lists) for YAML, JSON and checkpoints."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    return _plain(dataclasses.asdict(cfg))
 
 
 def _plain(x):
@@ -144,3 +151,66 @@ def _plain(x):
 def dump(cfg) -> str:
     """The resolved config as YAML text (printed once per run and saved as config.yaml)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections every entry point shares (train.py, pretrain.py, evaluate.py). Stage-specific
+# defaults live in their own files; the run-level ones are here.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out: str = ""               # run folder; "" = out/<config name>/
+    seed: int = 0               # seeds init, prompts order and every rollout (per step)
+    device: str = "auto"        # "auto" (cuda if available), "cpu" or "cuda"
+    threads: int = 0            # torch CPU threads per process; 0 = torch's default
+    world_model: str = "ar"     # "ar" (MineWorld-style, model_ar.py) or "nfd" (model_diffusion.py)
+
+
+@dataclasses.dataclass
+class RLConfig:
+    steps: int = 40             # GRPO iterations
+    prompts: int = 4            # prompts (clips) per iteration, global (Table 6 "samples per iteration": 32)
+    group_size: int = 8         # rollouts per prompt G (Tables 6-7: 24)
+    lr: float = 1e-4            # peak AdamW lr, cosine decay to 10% (Table 6: 3e-5; Table 7: 1e-5)
+    warmup: int = 0             # linear warmup steps
+    weight_decay: float = 0.0   # AdamW weight decay
+    grad_clip: float = 1.0      # max global gradient norm
+    micro_batch: int = 16       # sequences per forward/backward (gradient accumulation); memory knob
+    reward: str = "idm"         # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
+    granularity: str = "exact"  # inverse reward per frame: "exact" (Eq. 3, all 9 groups) or "group" (mean)
+    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (a `idm.save` file)
+    vpt_idm: str = ""           # "MODEL,WEIGHTS": OpenAI's 4x_idm.model,4x_idm.weights instead
+    prompt_seed: int = 5        # minicraft seed of the RL prompts (disjoint from IDM and eval worlds)
+    eval_every: int = 0         # steps between held-out evaluations; 0 = only before and after
+    save_every: int = 10        # steps between checkpoints (and at the end, and on SIGTERM)
+    max_bad_steps: int = 3      # consecutive non-finite steps (skipped) before the run stops
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    out: str = ""               # checkpoint path; "" = assets/minicraft/<stage>.pt
+    steps: int = 1200           # optimizer steps
+    batch_size: int = 16        # clips per step (x16 frames each)
+    lr: float = 2e-3            # peak AdamW learning rate (linear warmup, cosine decay to 10%)
+    warmup: int = 50            # warmup steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0      # max gradient norm
+    eval_every: int = 200       # steps between held-out evaluations
+    eval_clips: int = 128       # held-out clips for those evaluations (minicraft seed eval_seed)
+    eval_seed: int = 1000       # minicraft seed of the held-out clips (never trained on)
+
+
+@dataclasses.dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    idm: IDMConfig = dataclasses.field(default_factory=IDMConfig)
+    ar: ARConfig = dataclasses.field(default_factory=ARConfig)
+    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+    sde: SDEConfig = dataclasses.field(default_factory=SDEConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

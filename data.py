@@ -611,12 +611,13 @@ def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.n
 # ----------------------------------------------------------------------------------------------
 # Batches
 
-def collate(clips: list[tuple]) -> dict[str, torch.Tensor]:
+def collate(clips: list[tuple], offset: int = 8192) -> dict[str, torch.Tensor]:
     """(frames [T, H, W, 3], actions[, gui]) clips -> batch dict of tensors.
 
     frames uint8 [B, T, H, W, 3]; buttons int64 [B, T, 20] (VPT_BUTTONS); camera float32 [B, T, 2]
     ([pitch, yaw] deg); camera_bins int64 [B, T, 2] (VPT 11 bins); groups int64 [B, T, 9] (GROUP_NAMES);
-    tokens int64 [B, T, 11] (MineWorld action tokens, offset 8192).
+    tokens int64 [B, T, 11] (MineWorld action tokens; `offset` = the world model's image codebook size,
+    8192 for MineWorld).
     """
     # Row t of every field belongs to frame t: action t produced frame t, row 0 precedes the clip
     # (the clip-convention block above). Models condition on and score rows 1..T-1.
@@ -627,7 +628,7 @@ def collate(clips: list[tuple]) -> dict[str, torch.Tensor]:
     # Bin from the float64 angles, as VPT and MineWorld do: a float32 round trip could cross a bin edge.
     camera64 = np.array([[a["camera"] for a in clip[1]] for clip in clips], dtype=np.float64)  # [B, T, 2]
     camera_bins = camera_to_bins(camera64, **VPT_CAMERA)  # [B, T, 2], binned before the float32 cast
-    tokens = np.array([[action_to_tokens(a) for a in clip[1]] for clip in clips], dtype=np.int64)  # [B, T, 11]
+    tokens = np.array([[action_to_tokens(a, offset) for a in clip[1]] for clip in clips], dtype=np.int64)  # [B, T, 11]
     return {
         "frames": torch.from_numpy(frames),
         "buttons": torch.from_numpy(buttons),
@@ -639,7 +640,7 @@ def collate(clips: list[tuple]) -> dict[str, torch.Tensor]:
 
 
 def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-            world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+            world_size: int = 1, offset: int = 8192) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches of `collate`d clips, resumable from any step.
 
     batch_size is the global batch; rank r of world_size gets every world_size-th clip of it. Epoch e
@@ -659,5 +660,5 @@ def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0,
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(clips))  # [N]
         chosen = order[i * batch_size:(i + 1) * batch_size][rank::world_size]  # [batch_size / world_size]
-        yield collate([clips[j] for j in chosen])
+        yield collate([clips[j] for j in chosen], offset)
         step += 1

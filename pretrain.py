@@ -1,22 +1,23 @@
-"""Pretraining of the pieces RLIR starts from: the IDMs (reward and judge), tokenizers, base models.
+"""Pretraining of what RLIR starts from: the IDMs (reward and judge), the tokenizer, the base model.
 
 RLIR post-trains a *pretrained* world model and scores it with a *trained* IDM (paper §4.1, §5.1).
 For real Minecraft those are MineWorld's checkpoints and OpenAI's VPT IDM; for the embedded world
-this script makes small ones and `assets/minicraft/` ships them. One stage per run:
+this script makes small ones, and `assets/minicraft/` ships them. One stage per run:
 
-    python pretrain.py idm configs/pretrain_idm_reward.yaml     # reward IDM  (~15 min, 2 CPU cores)
-    python pretrain.py idm configs/pretrain_idm_judge.yaml      # judge IDM: other seed, other worlds
-    python pretrain.py idm --train.steps=50 --train.out=/tmp/idm.pt   # a quick smoke run
+    python pretrain.py idm configs/pretrain_idm_reward.yaml     # reward IDM (2 CPU cores: see README)
+    python pretrain.py idm configs/pretrain_idm_judge.yaml      # judge IDM: other worlds, other init
+    python pretrain.py vq  configs/minicraft_ar.yaml            # VQ tokenizer of the AR world model
+    python pretrain.py ar  configs/minicraft_ar.yaml            # AR base model (MLE, next token)
+    python pretrain.py idm --pretrain.steps=50 --pretrain.out=/tmp/idm.pt   # a quick smoke run
 
 The reward IDM scores rollouts during RL; the judge IDM is trained the same way on disjoint worlds
-(a different seed) and only ever evaluates, so reward hacking of the reward IDM shows up as a gap
-between the two (DESIGN.md, "Go beyond").
+(another seed) and only ever evaluates, so reward hacking of the reward IDM shows up as a gap between
+the two (DESIGN.md, "Go beyond").
 """
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +27,11 @@ from tqdm import tqdm
 import config
 import data
 import idm as idm_lib
-from data import DataConfig
-from idm import IDMConfig
+import model_ar
+from config import Config, DataConfig, PretrainConfig
 
 
-@dataclass
-class TrainConfig:
-    out: str = ""                 # checkpoint path; "" = assets/minicraft/<stage>.pt
-    steps: int = 1200             # optimizer steps
-    batch_size: int = 16          # clips per step (x16 frames each)
-    lr: float = 2e-3              # peak AdamW learning rate (linear warmup, cosine decay to 10%)
-    warmup: int = 50              # warmup steps
-    weight_decay: float = 0.01    # AdamW weight decay
-    grad_clip: float = 1.0        # max gradient norm
-    eval_every: int = 200         # steps between held-out evaluations
-    eval_clips: int = 128         # held-out clips for those evaluations (seed eval_seed)
-    eval_seed: int = 1000         # minicraft seed of the held-out clips (never trained on)
-    threads: int = 0              # torch CPU threads; 0 = torch's default
-    seed: int = 0                 # torch seed (init, shuffling)
-
-
-@dataclass
-class Config:
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_clips=4000))
-    idm: IDMConfig = field(default_factory=IDMConfig)
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup, then cosine decay from lr to lr / 10."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -61,75 +39,143 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def clips_and_held_out(cfg: Config) -> tuple[list, dict]:
+    """Training clips (data section) and a collated batch of held-out clips from other worlds."""
+    t0 = time.time()
+    clips, skips = data.load_clips(cfg.data)
+    pc = cfg.pretrain
+    held_cfg = DataConfig(**{**vars(cfg.data), "seed": pc.eval_seed, "max_clips": pc.eval_clips})
+    held = data.collate(data.load_clips(held_cfg)[0], offset=cfg.ar.n_codes)
+    print(f"data: {len(clips)} train clips (seed {cfg.data.seed}), {pc.eval_clips} held-out "
+          f"(seed {pc.eval_seed}) in {time.time() - t0:.0f}s; skipped: {dict(skips.counts)}")
+    return clips, held
+
+
+def fit(name: str, cfg: Config, params, loss_fn, evaluate, save) -> None:
+    """The loop every stage shares: AdamW with warmup + cosine, gradient clipping, a JSONL log next
+    to the checkpoint, a held-out evaluation and a save every `eval_every` steps."""
+    pc = cfg.pretrain
+    out = Path(pc.out or f"assets/minicraft/{name}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    params = [p for p in params if p.requires_grad]
+    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
+    t0 = time.time()
+    with open(out.with_suffix(".log.jsonl"), "w") as log:
+        for step in (bar := tqdm(range(pc.steps), desc=name)):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, pc)
+            loss = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
+            opt.step()
+            row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, pc),
+                   "seconds": round(time.time() - t0, 1)}
+            if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
+                row.update(evaluate())
+                save(out)
+                bar.write(json.dumps(row))
+            bar.set_postfix(loss=row["loss"])
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    print(f"saved {out} after {time.time() - t0:.0f}s of training")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDM: supervised, the labels are the actions that made the frames (VPT §3.1).
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def idm_accuracy(model: idm_lib.IDM, batch: dict, chunk: int = 32) -> dict:
     """Per-group accuracy of the IDM's argmax on frames 1..15 (frame 0's action precedes the clip)."""
+    model.eval()
     preds = []
     for i in range(0, len(batch["frames"]), chunk):
         b, c = idm_lib.predict(model, batch["frames"][i:i + chunk])
         preds.append(data.action_groups(b, c))
-    pred = torch.cat(preds)[:, 1:]                            # [N, 15, 9]
-    true = batch["groups"][:, 1:]                             # [N, 15, 9]
+    pred, true = torch.cat(preds)[:, 1:], batch["groups"][:, 1:]   # [N, 15, 9]
     acc = (pred == true).float().mean((0, 1))                 # [9]
     out = {f"acc_{n}": round(float(a), 4) for n, a in zip(data.GROUP_NAMES, acc)}
-    out["acc_exact"] = round(float((pred == true).all(-1).float().mean()), 4)  # Eq. 3 on GT clips
+    out["acc_exact"] = round(float((pred == true).all(-1).float().mean()), 4)  # Eq. 3 on GT
     return out
 
 
 def train_idm(cfg: Config) -> None:
-    """Supervised IDM training on minicraft clips: the labels are the actions that made the frames."""
-    tc = cfg.train
-    out = Path(tc.out or "assets/minicraft/idm.pt")
-    torch.manual_seed(tc.seed)
-    t0 = time.time()
-    clips, skips = data.load_clips(cfg.data)
-    held = data.collate(data.load_clips(
-        DataConfig(**{**vars(cfg.data), "seed": tc.eval_seed, "max_clips": tc.eval_clips}))[0])
-    print(f"data: {len(clips)} train clips (seed {cfg.data.seed}), {tc.eval_clips} held-out "
-          f"(seed {tc.eval_seed}) in {time.time() - t0:.0f}s; skipped: {dict(skips.counts)}")
+    clips, held = clips_and_held_out(cfg)
     model = idm_lib.IDM.from_config(cfg.idm)
-    print(f"IDM: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    log = open(out.with_suffix(".log.jsonl"), "w")
-    batches = data.batches(clips, tc.batch_size, tc.seed)
-    t0 = time.time()
-    for step in (bar := tqdm(range(tc.steps), desc="idm")):
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
+
+    def loss_fn(step):
         batch = next(batches)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
         model.train()
-        pred = model(batch["frames"])
         mask = torch.ones(batch["frames"].shape[:2])          # [B, T]
         mask[:, 0] = 0                                        # a_0 happened before the clip
-        loss = idm_lib.idm_loss(pred, batch["buttons"], batch["camera_bins"], mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-        row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, tc),
-               "seconds": round(time.time() - t0, 1)}
-        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
-            model.eval()
-            row.update(idm_accuracy(model, held))
-            idm_lib.save(model, str(out))
-            bar.write(json.dumps(row))
-        bar.set_postfix(loss=row["loss"])
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-    print(f"saved {out} after {time.time() - t0:.0f}s of training")
+        return idm_lib.idm_loss(model(batch["frames"]), batch["buttons"], batch["camera_bins"], mask)
+
+    fit("idm", cfg, model.parameters(), loss_fn, lambda: idm_accuracy(model, held),
+        lambda out: idm_lib.save(model, str(out)))
 
 
-STAGES = {"idm": train_idm}
+# ---------------------------------------------------------------------------------------------
+# VQ tokenizer and AR base model (MineWorld §4.2: VQ-VAE codes, then next-token prediction).
+# ---------------------------------------------------------------------------------------------
+def train_vq(cfg: Config) -> None:
+    clips, held = clips_and_held_out(cfg)
+    tok = model_ar.Tokenizer(cfg.vq)
+    frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    n = cfg.pretrain.batch_size * cfg.data.clip_len           # frames per step
+
+    def loss_fn(step):
+        tok.train()
+        return tok.loss(frames[torch.randint(len(frames), (n,), generator=gen)])[0]
+
+    @torch.no_grad()
+    def evaluate():
+        tok.eval()
+        x = held["frames"][:, 1:].flatten(0, 1)               # [N*15, H, W, 3]
+        ids = tok.encode(x)
+        mse = ((tok.decode(ids).float() - x.float()) ** 2).mean()
+        return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2),
+                "codes_used": int(ids.unique().numel())}
+
+    fit("vq", cfg, tok.parameters(), loss_fn, evaluate,
+        lambda out: torch.save({"state_dict": tok.state_dict()}, out))
+
+
+def train_ar(cfg: Config) -> None:
+    if cfg.vq.init_from == "scratch" and not cfg.vq.diffusers_config:
+        sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
+    clips, held = clips_and_held_out(cfg)
+    model = model_ar.build_world_model(cfg.ar, cfg.vq)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, offset=cfg.ar.n_codes)
+
+    def loss_fn(step):
+        batch = next(batches)
+        model.train()
+        return model_ar.lm_loss(model, batch["frames"], batch["tokens"])
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss = model_ar.lm_loss(model, held["frames"][:32], held["tokens"][:32])
+        return {"held_out_loss": round(float(loss), 4)}
+
+    fit("ar", cfg, model.transformer.parameters(), loss_fn, evaluate,
+        lambda out: torch.save({"state_dict": model.state_dict()}, out))
+
+
+STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar}
 
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in STAGES:
         sys.exit(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
     cfg, _ = config.parse(Config, argv[1:])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
     print(config.dump(cfg))
-    Path(cfg.train.out or "assets/minicraft").parent.mkdir(parents=True, exist_ok=True)
     STAGES[argv[0]](cfg)
 
 

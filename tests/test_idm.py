@@ -231,7 +231,7 @@ def test_small_idm_default_shapes_and_round_trip(tmp_path):
     path = str(tmp_path / "idm.pt")
     idm.save(model, path)
     ckpt = torch.load(path, weights_only=True)
-    assert set(ckpt) == {"kwargs", "temperature", "state_dict"} and ckpt["temperature"] == 4.0
+    assert set(ckpt) == {"kwargs", "temperature", "state_dict"} and ckpt["temperature"] == idm.IDMConfig().temperature
     loaded = idm.load(path)
     assert not loaded.training
     with torch.no_grad():
