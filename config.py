@@ -20,6 +20,7 @@ from evaluate import EvalConfig
 from grpo import GRPOConfig
 from idm import IDMConfig
 from model_ar import ARConfig, VQConfig
+from model_diffusion import AEConfig, NFDConfig
 from sde_sampler import SDEConfig
 
 
@@ -209,6 +210,8 @@ class Config:
     idm: IDMConfig = dataclasses.field(default_factory=IDMConfig)
     ar: ARConfig = dataclasses.field(default_factory=ARConfig)
     vq: VQConfig = dataclasses.field(default_factory=VQConfig)
+    nfd: NFDConfig = dataclasses.field(default_factory=NFDConfig)
+    ae: AEConfig = dataclasses.field(default_factory=AEConfig)
     sde: SDEConfig = dataclasses.field(default_factory=SDEConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)

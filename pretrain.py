@@ -8,6 +8,8 @@ this script makes small ones, and `assets/minicraft/` ships them. One stage per 
     python pretrain.py idm configs/pretrain_idm_judge.yaml      # judge IDM: other worlds, other init
     python pretrain.py vq  configs/minicraft_ar.yaml            # VQ tokenizer of the AR world model
     python pretrain.py ar  configs/minicraft_ar.yaml            # AR base model (MLE, next token)
+    python pretrain.py ae  configs/minicraft_nfd.yaml           # frame autoencoder of the NFD model
+    python pretrain.py nfd configs/minicraft_nfd.yaml           # NFD base model (flow matching)
     python pretrain.py idm --pretrain.steps=50 --pretrain.out=/tmp/idm.pt   # a quick smoke run
 
 The reward IDM scores rollouts during RL; the judge IDM is trained the same way on disjoint worlds
@@ -28,6 +30,7 @@ import config
 import data
 import idm as idm_lib
 import model_ar
+import model_diffusion
 from config import Config, DataConfig, PretrainConfig
 
 
@@ -39,13 +42,14 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def clips_and_held_out(cfg: Config) -> tuple[list, dict]:
-    """Training clips (data section) and a collated batch of held-out clips from other worlds."""
+def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict]:
+    """Training clips (data section) and a collated batch of held-out clips from other worlds;
+    action tokens start at `offset` (the AR model's codebook size; 8192 elsewhere)."""
     t0 = time.time()
     clips, skips = data.load_clips(cfg.data)
     pc = cfg.pretrain
     held_cfg = DataConfig(**{**vars(cfg.data), "seed": pc.eval_seed, "max_clips": pc.eval_clips})
-    held = data.collate(data.load_clips(held_cfg)[0], offset=cfg.ar.n_codes)
+    held = data.collate(data.load_clips(held_cfg)[0], offset)
     print(f"data: {len(clips)} train clips (seed {cfg.data.seed}), {pc.eval_clips} held-out "
           f"(seed {pc.eval_seed}) in {time.time() - t0:.0f}s; skipped: {dict(skips.counts)}")
     return clips, held
@@ -146,7 +150,7 @@ def train_vq(cfg: Config) -> None:
 def train_ar(cfg: Config) -> None:
     if cfg.vq.init_from == "scratch" and not cfg.vq.diffusers_config:
         sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
-    clips, held = clips_and_held_out(cfg)
+    clips, held = clips_and_held_out(cfg, cfg.ar.n_codes)
     model = model_ar.build_world_model(cfg.ar, cfg.vq)
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, offset=cfg.ar.n_codes)
 
@@ -165,7 +169,59 @@ def train_ar(cfg: Config) -> None:
         lambda out: torch.save({"state_dict": model.state_dict()}, out))
 
 
-STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar}
+# ---------------------------------------------------------------------------------------------
+# Frame autoencoder and NFD base model (§4.3: continuous per-frame latents, flow matching with
+# diffusion forcing). NFD's weights are not public: this is how a user makes a base model, here
+# or at paper scale with torchrun on VPT data.
+# ---------------------------------------------------------------------------------------------
+def train_ae(cfg: Config) -> None:
+    clips, held = clips_and_held_out(cfg)
+    ae = model_diffusion.FrameAE(cfg.ae)
+    frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    n = cfg.pretrain.batch_size * cfg.data.clip_len           # frames per step
+
+    def loss_fn(step):
+        ae.train()
+        return ae.loss(frames[torch.randint(len(frames), (n,), generator=gen)])
+
+    @torch.no_grad()
+    def evaluate():
+        ae.eval()
+        x = held["frames"][:, 1:].flatten(0, 1)               # [N*15, H, W, 3]
+        mse = ((ae.decode(ae.encode(x)).float() - x.float()) ** 2).mean()
+        return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2)}
+
+    fit("ae", cfg, ae.parameters(), loss_fn, evaluate,
+        lambda out: torch.save({"model": ae.state_dict()}, out))
+
+
+def train_nfd(cfg: Config) -> None:
+    if not cfg.ae.init_from:
+        sys.exit("pretrain nfd: set ae.init_from to a trained frame autoencoder (python pretrain.py ae ...)")
+    clips, held = clips_and_held_out(cfg)
+    model = model_diffusion.NFD(cfg.nfd, cfg.ae)
+    model_diffusion.load_weights(model.ae, cfg.ae.init_from)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+
+    def loss_fn(step):
+        batch = next(batches)
+        model.train()
+        return model_diffusion.fm_loss(model, batch["frames"], batch["tokens"], gen)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        loss = model_diffusion.fm_loss(model, held["frames"][:32], held["tokens"][:32],
+                                       torch.Generator().manual_seed(0))
+        return {"held_out_loss": round(float(loss), 4)}
+
+    fit("nfd", cfg, model.parameters(), loss_fn, evaluate,
+        lambda out: torch.save({"model": model.state_dict()}, out))
+
+
+STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar, "ae": train_ae, "nfd": train_nfd}
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,57 @@
+"""pretrain.py: every stage runs, logs, and writes a checkpoint that the next stage and train.py load."""
+import json
+
+import pytest
+import torch
+
+import config
+import idm as idm_lib
+import model_ar
+import model_diffusion
+import pretrain
+
+TINY = ["--data.max_clips=4", "--pretrain.steps=2", "--pretrain.batch_size=1",
+        "--pretrain.eval_every=2", "--pretrain.eval_clips=2", "--run.threads=1"]
+
+
+def run(stage, tmp_path, *extra):
+    out = tmp_path / f"{stage}.pt"
+    pretrain.main([stage, *TINY, f"--pretrain.out={out}", *extra])
+    log = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
+    return out, log[-1]
+
+
+def test_idm_stage(tmp_path):
+    out, last = run("idm", tmp_path, "--idm.hidsize=32", "--idm.attention_heads=2")
+    assert 0 <= last["acc_exact"] <= 1 and "acc_camera_yaw" in last
+    assert idm_lib.load(str(out)).kwargs["hidsize"] == 32
+
+
+def test_ar_stages(tmp_path):
+    vq_args = ["--vq.channels=8", "--vq.code_dim=8", "--vq.codebook_size=16"]
+    vq, last = run("vq", tmp_path, *vq_args)
+    assert last["psnr"] > 0
+    ar_args = [*vq_args, f"--vq.init_from={vq}", "--ar.n_codes=16", "--ar.vocab_size=86",
+               "--ar.hidden=32", "--ar.intermediate=64", "--ar.heads=2", "--ar.kv_heads=1",
+               "--ar.layers=1"]
+    ar, last = run("ar", tmp_path, *ar_args)
+    cfg = config.parse(config.Config, [*ar_args, f"--ar.init_from={ar}"])[0]
+    model = model_ar.build_world_model(cfg.ar, cfg.vq)        # the base model train.py starts from
+    saved = torch.load(ar, weights_only=True)["state_dict"]
+    assert torch.equal(model.state_dict()["transformer.lm_head.weight"], saved["transformer.lm_head.weight"])
+    with pytest.raises(SystemExit, match="vq.init_from"):
+        pretrain.main(["ar", *TINY])
+
+
+def test_nfd_stages(tmp_path):
+    small = ["--ae.width=8", "--nfd.hidden=32", "--nfd.mlp=64", "--nfd.heads=2", "--nfd.layers=1"]
+    ae, last = run("ae", tmp_path, *small)
+    assert last["psnr"] > 0
+    nfd, last = run("nfd", tmp_path, *small, f"--ae.init_from={ae}")
+    assert last["held_out_loss"] > 0
+    cfg = config.parse(config.Config, small)[0]
+    model = model_diffusion.NFD(cfg.nfd, cfg.ae)
+    model_diffusion.load_weights(model, str(nfd))             # loads strictly, tokenizer included
+    with pytest.raises(SystemExit, match="ae.init_from"):
+        pretrain.main(["nfd", *TINY])
