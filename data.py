@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -297,11 +298,20 @@ class ClipError(ValueError):
         self.reason = reason
 
 
+def write_video(path: str | Path, frames, fps: int, crf: int = 10) -> None:
+    """H.264 mp4 of uint8 RGB frames [T, H, W, 3] (H, W even). CRF 10 is visually lossless; what
+    remains is mostly yuv420p's half-resolution colour, which MineWorld's clips and players use."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+
+
 def write_clip(dir: str | Path, index: int, frames: np.ndarray, actions: list[dict],
                gui: np.ndarray | None = None, fps: int = 20) -> tuple[Path, Path]:
     """Write clip_<index>.mp4 (H.264, yuv420p, CRF 10) and clip_<index>.jsonl; returns both paths."""
-    import av
-
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     t, h, w, _ = frames.shape  # [T, H, W, 3]
@@ -311,14 +321,7 @@ def write_clip(dir: str | Path, index: int, frames: np.ndarray, actions: list[di
     if h % 2 or w % 2:
         raise ValueError(f"write_clip: frame size {h}x{w} must be even for yuv420p; resize first.")
     mp4, jsonl = dir / f"clip_{index}.mp4", dir / f"clip_{index}.jsonl"
-    # CRF 10 is visually lossless; what remains is mostly yuv420p's half-resolution colour, which
-    # MineWorld's clips and every common player use.
-    with av.open(str(mp4), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush the encoder
+    write_video(mp4, frames, fps)
     # One env-format dict per line, keys in NOOP_ACTION order, buttons 0/1, camera [pitch, yaw] floats.
     with open(jsonl, "w") as f:
         for i, action in enumerate(actions):
@@ -332,8 +335,6 @@ def write_clip(dir: str | Path, index: int, frames: np.ndarray, actions: list[di
 
 def read_video(path: str | Path, height: int | None = None, width: int | None = None) -> np.ndarray:
     """Decode every frame of a video to RGB uint8 [T, H, W, 3], resized (cv2 INTER_LINEAR) if asked."""
-    import av
-
     chunks, chunk = [], []
     try:
         with av.open(str(path)) as container:

@@ -431,8 +431,6 @@ def markdown_table(rows: list[dict]) -> str:
 def write_side_by_side(path: str | Path, rows: list[torch.Tensor], fps: int) -> None:
     """Rows of videos uint8 [N, 16, H, W, 3] (GT first, then each model) -> one mp4: for each clip, the
     rows stacked top to bottom with a 2-pixel white gap, clips one after another."""
-    import av
-
     n = min(len(r) for r in rows)
     gap = torch.full((2, rows[0].shape[3], 3), 255, dtype=torch.uint8)  # [2, W, 3]
     frames = []
@@ -440,13 +438,7 @@ def write_side_by_side(path: str | Path, rows: list[torch.Tensor], fps: int) -> 
         for t in range(rows[0].shape[1]):
             parts = [p for r in rows for p in (r[c, t], gap)][:-1]
             frames.append(torch.cat(parts).numpy())  # [rows*H + 2*(rows-1), W, 3]
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": "18"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush the encoder
+    data.write_video(path, frames, fps, crf=18)
 
 
 def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:

@@ -123,16 +123,22 @@ def train_idm(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------
 # VQ tokenizer and AR base model (MineWorld §4.2: VQ-VAE codes, then next-token prediction).
 # ---------------------------------------------------------------------------------------------
+def frame_batches(clips: list, cfg: Config):
+    """Tokenizers see single frames: each call draws batch_size x clip_len random frames."""
+    frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    n = cfg.pretrain.batch_size * cfg.data.clip_len
+    return lambda: frames[torch.randint(len(frames), (n,), generator=gen)]   # [n, H, W, 3]
+
+
 def train_vq(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
     tok = model_ar.Tokenizer(cfg.vq)
-    frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    n = cfg.pretrain.batch_size * cfg.data.clip_len           # frames per step
+    sample = frame_batches(clips, cfg)
 
     def loss_fn(step):
         tok.train()
-        return tok.loss(frames[torch.randint(len(frames), (n,), generator=gen)])[0]
+        return tok.loss(sample())[0]
 
     @torch.no_grad()
     def evaluate():
@@ -177,13 +183,11 @@ def train_ar(cfg: Config) -> None:
 def train_ae(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
     ae = model_diffusion.FrameAE(cfg.ae)
-    frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    n = cfg.pretrain.batch_size * cfg.data.clip_len           # frames per step
+    sample = frame_batches(clips, cfg)
 
     def loss_fn(step):
         ae.train()
-        return ae.loss(frames[torch.randint(len(frames), (n,), generator=gen)])
+        return ae.loss(sample())
 
     @torch.no_grad()
     def evaluate():
