@@ -459,13 +459,27 @@ def image_log_probs(logits: torch.Tensor, ids: torch.Tensor, n_codes: int, tempe
     return logp.gather(-1, ids.clamp(max=n_codes - 1).unsqueeze(-1)).squeeze(-1)  # [...]
 
 
+def exponential_noise(shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """Exp(1) draws of `shape` [B, ...]. `generator` is one torch.Generator (or None) for the whole batch, or a
+    list of them, one per run of B / len(list) consecutive rows: train.py passes one per GRPO group, seeded by
+    (run seed, step, global prompt index), so a group samples the same whatever the number of ranks."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.empty(shape, device=device).exponential_(1.0, generator=generator)  # [B, ...]
+    rows = shape[0] // len(generator)
+    if rows * len(generator) != shape[0]:
+        raise ValueError(f"{shape[0]} rows cannot be split evenly over {len(generator)} generators (one per group)")
+    return torch.cat([torch.empty(rows, *shape[1:], device=device).exponential_(1.0, generator=g)
+                      for g in generator])  # [B, ...]
+
+
 def sample_image_token(logits: torch.Tensor, n_codes: int, temperature: float, top_p: float,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one image token per row of logits [B, V] from the top-p distribution (exponential race,
-    argmax p / Exp(1), as gpt-fast). Returns ids [B] and their log-prob under the untruncated softmax [B]."""
+    argmax p / Exp(1), as gpt-fast). `generator`: see exponential_noise. Returns ids [B] and their log-prob
+    under the untruncated softmax [B]."""
     logp = (logits[:, :n_codes].float() / temperature).log_softmax(-1)  # [B, K]: actions can never be drawn
     probs = top_p_filter(logp.exp(), top_p)  # [B, K]
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # [B, K]
+    race = exponential_noise(probs.shape, generator, probs.device)  # [B, K]
     ids = (probs / race).argmax(-1)  # [B]
     return ids, logp.gather(-1, ids[:, None])[:, 0]
 
@@ -499,11 +513,12 @@ def check_actions(cfg: ARConfig, action_tokens: torch.Tensor, batch: int) -> Non
 
 @torch.no_grad()
 def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float = 1.0,
-            top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+            top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
     """Generate frames 1..F-1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11], the whole batch at once
     (G rollouts of a prompt are just G rows). Prefill img_0 + act(a_1), then decode one image token per call
     from a preallocated KV cache; after a frame's last token, that token and the next action go in together
-    (MineWorld's naive_generate). Deterministic given `generator` (on the model's device). `model` is the
+    (MineWorld's naive_generate). Deterministic given `generator` (on the model's device; a list = one per group of
+    rows, see exponential_noise). `model` is the
     unwrapped WorldModel: sampling needs no gradient, so DDP is not involved."""
     cfg, n, a = model.cfg, model.cfg.image_tokens, model.cfg.action_tokens
     if temperature <= 0 or not 0 < top_p <= 1:

@@ -391,6 +391,19 @@ def _initial_noise(B, n, shape, group_size, same_noise, generator, device) -> to
     return z.repeat_interleave(group_size, dim=0)  # [B, n, N, C]
 
 
+def _per_group(draw, B: int, generator) -> torch.Tensor:
+    """draw(rows, generator) -> [rows, ...] for a batch of B: one call for one generator (or None), or, for a
+    list of them, one call per run of B / len(list) consecutive rows, concatenated. train.py passes one
+    generator per GRPO group, seeded by (run seed, step, global prompt index), so a group samples the same
+    whatever the number of ranks."""
+    if not isinstance(generator, (list, tuple)):
+        return draw(B, generator)
+    rows = B // len(generator)
+    if rows * len(generator) != B:
+        raise ValueError(f"{B} rows cannot be split evenly over {len(generator)} generators (one per group)")
+    return torch.cat([draw(rows, g) for g in generator])  # [B, ...]
+
+
 def cache_frame(model: NFD, ctx: list | None, x: torch.Tensor, act: torch.Tensor, f: int) -> list:
     """Append clean frame f (x [B, N, C], act [B, A]) to the per-layer cache [B, heads, L, d]: one
     forward at t = 0 attending to the cache, so it equals that frame's row of context_kv."""
@@ -410,13 +423,13 @@ def cached_velocity(model: NFD, ctx: list, x: torch.Tensor, t: torch.Tensor, act
 
 @torch.no_grad()
 def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, sde_cfg: SDEConfig,
-            generator: torch.Generator | None = None, group_size: int = 1) -> Rollout:
+            generator: torch.Generator | list[torch.Generator] | None = None, group_size: int = 1) -> Rollout:
     """Generate frames 1..F−1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11] with K SDE steps
     per frame (sde_sampler.sde_step). Frame f is denoised attending to the cached keys/values of clean
     frames 0..f−1 (computed once per frame, reused across the K steps); no mask is needed because every
     query may see every cached key and its own frame. Random draws from `generator`, in this order:
     initial noise of all frames, step selection τ, then the per-step noise (so sample_frames with the
-    same generator starts from the same x_1). With sde.noise_level = 0 the steps are Euler ODE steps and
+    same generator starts from the same x_1); a list of generators draws per group of rows (_per_group). With sde.noise_level = 0 the steps are Euler ODE steps and
     the log-probs are undefined (std = 0: NaN), which only the g = 0 consistency check uses.
     """
     B, n_f = action_tokens.shape[:2]
@@ -425,9 +438,11 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, sde_cfg: 
     act = actions_multi_hot(action_tokens)  # [B, F, A]
     ts = sde.timesteps(K, sde_cfg.shift).to(dev)  # [K+1]
     g = sde.diffusion_coeff(ts, sde_cfg)  # [K]
-    z1 = _initial_noise(B, n_f - 1, (model.n_tok, model.cfg.latent_channels), group_size, sde_cfg.same_noise,
-                        generator, dev)  # [B, F-1, N, C]
-    sel = sde.select_steps(B, K, sde_cfg.tau, generator).to(dev)  # bool [B, K], same steps for every frame
+    shape = (model.n_tok, model.cfg.latent_channels)
+    z1 = _per_group(lambda b, gen: _initial_noise(b, n_f - 1, shape, group_size, sde_cfg.same_noise, gen, dev),
+                    B, generator)  # [B, F-1, N, C]
+    sel = _per_group(lambda b, gen: sde.select_steps(b, K, sde_cfg.tau, gen), B,
+                     generator).to(dev)  # bool [B, K], same steps for every frame
     lat = [model.ae.encode(x0).float()]  # F × [B, N, C]
     ctx = cache_frame(model, None, lat[0], act[:, 0], 0)
     traj, logp = [], []
@@ -435,7 +450,8 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, sde_cfg: 
         x, xs, lps = z1[:, f - 1], [z1[:, f - 1]], []
         for k in range(K):
             v = cached_velocity(model, ctx, x, ts[k], act[:, f], f)  # [B, N, C]
-            noise = torch.randn(x.shape, device=dev, generator=generator)  # [B, N, C]
+            noise = _per_group(lambda b, gen: torch.randn(b, *shape, device=dev, generator=gen), B,
+                               generator)  # [B, N, C]
             x, mean, std = sde.sde_step(x, v, ts[k], ts[k + 1], g[k], noise=noise)  # [B, N, C]
             lps.append(sde.log_prob(x, mean, std, sde_cfg.logprob_reduce))  # [B]
             xs.append(x)

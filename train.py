@@ -12,8 +12,15 @@ weights with the action tokens masked (§4.2), and step AdamW on the clipped sur
 
 The run folder (`out/<config name>/` unless --run.out) gets config.yaml, log.jsonl (one line per
 step), ckpt.pt (atomic; a rerun resumes from it) and results.json (rows gt, before, after).
+
+Robustness (DESIGN.md "Conventions"): the same code runs on 1 CPU process or N torchrun ranks, with a
+fixed global batch (rl.prompts × rl.group_size) and noise that depends on (seed, step, prompt) only, so
+N ranks train what 1 process would; a SIGKILL at any moment leaves the last checkpoint loadable,
+SIGTERM saves one and exits 0; a non-finite step changes nothing and is logged with its reason.
 """
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,6 +41,7 @@ import evaluate
 import grpo
 import idm as idm_lib
 import model_ar
+import model_diffusion
 from config import Config
 
 # ---------------------------------------------------------------------------------------------
@@ -44,33 +52,54 @@ from config import Config
 def build_world_model(cfg: Config):
     if cfg.run.world_model == "ar":
         return model_ar.build_world_model(cfg.ar, cfg.vq)
-    raise ValueError(f"run.world_model={cfg.run.world_model!r}: expected 'ar'")
+    if cfg.run.world_model == "nfd":
+        if cfg.nfd.init_from is None:
+            sys.exit("nfd.init_from is not set: RLIR post-trains a pretrained NFD base model. Make one with "
+                     "`python pretrain.py nfd CONFIG` (NFD weights are not public) and point nfd.init_from "
+                     "at it, or pass --nfd.init_from=scratch to run from random weights (smoke tests, "
+                     "benchmarks).")
+        model = model_diffusion.NFD(cfg.nfd, cfg.ae)
+        if cfg.ae.init_from:
+            model_diffusion.load_weights(model.ae, cfg.ae.init_from)
+        if cfg.nfd.init_from != "scratch":
+            model_diffusion.load_weights(model, cfg.nfd.init_from)
+        return model
+    raise ValueError(f"run.world_model={cfg.run.world_model!r}: expected 'ar' or 'nfd'")
 
 
 def action_offset(cfg: Config) -> int:
-    """Action token ids start after the image codes (MineWorld: 8192)."""
-    return cfg.ar.n_codes
+    """Action token ids start after the image codes (MineWorld: 8192; NFD reads them minus 8192)."""
+    return cfg.ar.n_codes if cfg.run.world_model == "ar" else 8192
 
 
 def rollout(model, x0, tokens, cfg: Config, generator):
-    """Sample clips for training: frames, old log-probs and the loss mask (model_ar.Rollout)."""
-    return model_ar.rollout(model, x0, tokens, cfg.ar.temperature, cfg.ar.top_p, generator)
+    """Sample clips for training: frames, old log-probs and the loss mask, plus what replay needs.
+    AR: per image token (§4.2). NFD: per (frame, denoising step) of the SDE (§4.3)."""
+    if cfg.run.world_model == "ar":
+        return model_ar.rollout(model, x0, tokens, cfg.ar.temperature, cfg.ar.top_p, generator)
+    return model_diffusion.rollout(model, x0, tokens, cfg.sde, generator, cfg.rl.group_size)
 
 
 def log_probs(model, ro, cfg: Config) -> torch.Tensor:
     """Differentiable log-probs of the rollout's choices under the current weights, [B, L]."""
-    return model_ar.log_probs(model, ro)
+    if cfg.run.world_model == "ar":
+        return model_ar.log_probs(model, ro)
+    return model_diffusion.log_probs(model, ro, cfg.sde)
 
 
 def sample(model, x0, tokens, cfg: Config, generator=None) -> torch.Tensor:
-    """Evaluation sampling (MineWorld: top-p 0.8), uint8 frames [B, 16, H, W, 3]."""
-    return model_ar.sample_frames(model, x0, tokens, generator=generator)
+    """Evaluation sampling (MineWorld: top-p 0.8; NFD: DPM-Solver++ 18 steps), [B, 16, H, W, 3]."""
+    if cfg.run.world_model == "ar":
+        return model_ar.sample_frames(model, x0, tokens, generator=generator)
+    return model_diffusion.sample_frames(model, x0, tokens, cfg.sde, generator)
 
 
 def slice_rollout(ro, i: int, j: int):
-    """Rows i..j of a rollout (every tensor field is batch-first)."""
+    """Rows i..j of a rollout. Per-sample fields are at least 2-D and batch-first; 1-D ones (the
+    diffusion time grid and coefficients) are shared by all rows."""
     return dataclasses.replace(ro, **{f.name: getattr(ro, f.name)[i:j] for f in dataclasses.fields(ro)
-                                      if torch.is_tensor(getattr(ro, f.name))})
+                                      if torch.is_tensor(getattr(ro, f.name))
+                                      and getattr(ro, f.name).ndim >= 2})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +131,59 @@ def rewards(frames: torch.Tensor, batch: dict, cfg: Config, reward_idm, lpips_fn
 
 
 # ---------------------------------------------------------------------------------------------
+# Distributed: each GRPO group lives on one rank. Rank r holds prompts r, r + world, ... of the
+# global batch (data.batches), all G rollouts of each, so Eq. 1 needs no communication; rewards
+# are still gathered so that every rank logs, checks and normalises over the whole global batch.
+# ---------------------------------------------------------------------------------------------
+def group_generators(seed: int, step: int, prompts: int, rank: int, world: int, device) -> list:
+    """One generator per group on this rank, seeded by (run seed, step, global prompt index): every
+    group draws the same noise whatever the world size, and a resumed run what an unbroken one did."""
+    return [torch.Generator(device=device).manual_seed(int(np.random.SeedSequence([seed, step, p])
+                                                           .generate_state(1)[0]))
+            for p in range(rank, prompts, world)]
+
+
+def gather_rewards(r: torch.Tensor, world: int, group_size: int) -> torch.Tensor:
+    """This rank's rewards [P/world * G] -> the global batch's [P * G], in prompt order 0..P-1."""
+    if world == 1:
+        return r
+    parts = [torch.empty_like(r) for _ in range(world)]
+    dist.all_gather(parts, r)
+    return torch.stack(parts).view(world, -1, group_size).transpose(0, 1).reshape(-1)  # [P*G]
+
+
+def local_rows(x: torch.Tensor, rank: int, world: int, group_size: int) -> torch.Tensor:
+    """The inverse of gather_rewards: this rank's rows [P/world * G] of a global [P * G]."""
+    return x.view(-1, world, group_size)[:, rank].reshape(-1)
+
+
+def across_ranks(values: list[float], op: str, device) -> list[float]:
+    """Element-wise "min", "max" or "sum" of `values` over ranks, so every rank takes the same
+    decision (a rank that skipped a backward alone would hang DDP's all-reduce)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)    # [len(values)]
+    dist.all_reduce(t, {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return t.tolist()
+
+
+def first_nonfinite(named: dict, device) -> str | None:
+    """Name of the first tensor in `named` with a NaN/inf on any rank (None entries pass), or None."""
+    ok = across_ranks([float(v is None or bool(torch.isfinite(v).all())) for v in named.values()],
+                      "min", device)
+    return next((name for name, flag in zip(named, ok) if not flag), None)
+
+
+def fingerprint(model) -> str:
+    """sha256 of the weights' bytes: equal on every rank iff DDP kept the replicas identical."""
+    h = hashlib.sha256()
+    for key, v in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts, written atomically, holding everything needed to resume exactly.
 # ---------------------------------------------------------------------------------------------
 def rng_state() -> dict:
@@ -115,6 +197,8 @@ def rng_state() -> dict:
 
 
 def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: Config) -> None:
+    """The data position is `step`: data.batches and the rollout noise are pure functions of
+    (seed, step), so model, optimizer, scheduler, step and RNG states are all a resume needs."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "step": step, "config": config.to_dict(cfg),
              "rng": rng_state()}
@@ -124,10 +208,31 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: Config) -> No
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)                 # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    fix = f"rerun with the config it was saved with ({path.parent / 'config.yaml'}) or a new --run.out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                     # torn, foreign or malicious file
+        sys.exit(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 f"delete it to start over, or {fix}")
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng") if k not in state]
+    if missing:
+        sys.exit(f"{path} lacks {missing}: not a train.py checkpoint; delete it or {fix}")
+    own = model.state_dict()
+    absent = sorted(set(own) - set(state["model"]))
+    extra = sorted(set(state["model"]) - set(own))
+    shapes = [f"{k} {list(v.shape)} != {list(own[k].shape)}" for k, v in state["model"].items()
+              if k in own and v.shape != own[k].shape]
+    if absent or extra or shapes:
+        sys.exit(f"{path} does not fit this model: missing keys {absent}, unexpected keys {extra}, "
+                 f"mis-shaped {shapes}; {fix}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -138,6 +243,17 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
     random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
     return state["step"]
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume, keep log rows 1..step: a killed run may have logged steps past its checkpoint,
+    and its last line may be torn."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+    path.write_text("".join(rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,16 +280,22 @@ def main(argv: list[str]) -> None:
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    rl = cfg.rl
+    if world > rl.prompts:                                     # checked before any work
+        sys.exit(f"{world} ranks but only rl.prompts={rl.prompts} prompts per step: each GRPO group "
+                 f"lives on one rank, so launch at most {rl.prompts} ranks or raise rl.prompts")
+    if rl.prompts % world:
+        sys.exit(f"rl.prompts={rl.prompts} must be a multiple of the {world} ranks: each group "
+                 f"lives on one rank (its advantages then need no communication)")
+    if rl.group_size < 1 or rl.micro_batch < 1 or rl.max_bad_steps < 1:
+        sys.exit(f"rl.group_size={rl.group_size}, rl.micro_batch={rl.micro_batch} and "
+                 f"rl.max_bad_steps={rl.max_bad_steps} must all be >= 1")
     if ddp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    rl = cfg.rl
-    if rl.prompts % world:
-        sys.exit(f"rl.prompts={rl.prompts} must be a multiple of the {world} ranks: each group "
-                 f"lives on one rank (its advantages then need no communication)")
     out = Path(cfg.run.out or f"out/{name}")
     log0 = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
@@ -202,8 +324,10 @@ def main(argv: list[str]) -> None:
     if ckpt.exists():
         start = load_checkpoint(ckpt, model, opt, sched)
         log0(f"resumed from {ckpt} at step {start}")
-    stop = {"sigterm": False}                                  # pre-emption: save, then exit
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+        if rank == 0:
+            trim_log(out / "log.jsonl", start)
+    stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
 
     results = {}
     if rank == 0 and start == 0:
@@ -218,53 +342,59 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         batch = {k: v.repeat_interleave(G, 0) for k, v in next(batches).items()}  # groups of G
         model.eval()
-        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 100_003 + step * world + rank)
-        ro = rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gen)
-        r = rewards(ro.frames, batch, cfg, reward_idm, lpips_fn)            # [P*G]  (Eq. 3 / 6)
-        n, mb = len(r), rl.micro_batch
+        gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)  # one per group
+        ro = rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
+        r = gather_rewards(rewards(ro.frames, batch, cfg, reward_idm, lpips_fn), world, G)  # [P*G] Eq. 3/6
+        n, mb = len(ro.mask), rl.micro_batch
         with torch.no_grad():                                  # π_old: the same forward as below,
             old = torch.cat([log_probs(model, slice_rollout(ro, i, i + mb), cfg)   # so the first
                              for i in range(0, n, mb)])        # ratio is exactly 1
             ref_lp = (torch.cat([log_probs(ref, slice_rollout(ro, i, i + mb), cfg)
                                  for i in range(0, n, mb)]) if ref is not None else None)
-        row = {"step": step + 1}
-        if torch.isfinite(r).all():
-            adv, st = grpo.group_advantages(r.float(), G, cfg.grpo)          # Eq. 1
+        row, adv = {"step": step + 1}, None
+        if torch.isfinite(r).all():                            # r is global: every rank agrees
+            adv_all, st = grpo.group_advantages(r.float(), G, cfg.grpo)      # Eq. 1, [P*G]
+            adv = local_rows(adv_all, rank, world, G)          # [P/world * G]
             row.update(st)
+        # Non-finite guard: every rank reaches the same verdict before any backward (DDP lockstep).
+        why = first_nonfinite({"reward": r, "advantage": adv,
+                               "log-prob": old, "reference log-prob": ref_lp}, device)
         model.train()
         opt.zero_grad(set_to_none=True)
-        total = ro.mask.sum() if cfg.grpo.aggregation == "token" else n
-        stats, finite = [], torch.isfinite(r).all() and torch.isfinite(old).all()
-        for i in range(0, n, mb) if finite else ():
+        total = across_ranks([float(ro.mask.sum())], "sum", device)[0] / world   # tokens per rank
+        stats, losses = [], []
+        for i in range(0, n, mb) if why is None else ():
             part = slice_rollout(ro, i, i + mb)
-            lp = log_probs(train_model, part, cfg)
-            loss, st = grpo.policy_loss(lp, old[i:i + mb], adv[i:i + mb], part.mask, cfg.grpo,
-                                        None if ref_lp is None else ref_lp[i:i + mb])   # Eq. 2
-            weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss * weight).backward()
+            sync = not ddp or i + mb >= n                      # all-reduce gradients once, at the end
+            with contextlib.nullcontext() if sync else train_model.no_sync():
+                lp = log_probs(train_model, part, cfg)
+                loss, st = grpo.policy_loss(lp, old[i:i + mb], adv[i:i + mb], part.mask, cfg.grpo,
+                                            None if ref_lp is None else ref_lp[i:i + mb])   # Eq. 2
+                weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
+                (loss * weight).backward()                     # a NaN reaches every rank's gradient
+            losses.append(loss.detach())
             stats.append((float(weight), st))
-        if finite:                                             # a non-finite step changes nothing
-            norm = torch.nn.utils.clip_grad_norm_(params, rl.grad_clip)
-            finite = bool(torch.isfinite(norm))
-        if finite:
+        if why is None:
+            why = first_nonfinite({"loss": torch.stack(losses)}, device)
+        if why is None:                                        # gradients are all-reduced by now,
+            norm = torch.nn.utils.clip_grad_norm_(params, rl.grad_clip)      # so the norm is global
+            why = None if torch.isfinite(norm) else "gradient"
+        if why is None:
             opt.step()
             bad = 0
-            for key in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref"):
-                vals = [(w, s[key]) for w, s in stats if s.get(key) is not None]
-                row[key] = sum(w * float(v) for w, v in vals) / max(sum(w for w, _ in vals), 1e-12)
+            keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
+                    if stats[0][1].get(k) is not None]
+            local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
+            row.update({k: v / world for k, v in zip(keys, across_ranks(local, "sum", device))})
             row["grad_norm"] = float(norm)
-        else:
-            opt.zero_grad(set_to_none=True)
+        else:                                                  # a skipped step changes nothing:
+            opt.zero_grad(set_to_none=True)                    # weights and AdamW moments untouched
             bad += 1
-            row["skipped"] = "non-finite reward, log-prob, loss or gradient"
-            log0(f"step {step + 1}: skipped the update ({row['skipped']}), {bad} in a row")
-            if bad >= rl.max_bad_steps:
-                sys.exit(f"stopping: {bad} consecutive non-finite steps (rl.max_bad_steps)")
-        sched.step()
+            row["skipped"] = f"non-finite {why}"
+            log0(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
+        sched.step()                                           # the LR stays a function of the step
         row.update(lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 2))
+        sigterm = across_ranks([float(stop["sigterm"])], "max", device)[0] > 0
         if rank == 0:
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -272,9 +402,13 @@ def main(argv: list[str]) -> None:
             done = step + 1 == rl.steps
             if rl.eval_every and (step + 1) % rl.eval_every == 0 and not done:
                 bar.write(json.dumps(run_eval(model, held, cfg, f"step {step + 1}", device)))
-            if (step + 1) % rl.save_every == 0 or done or stop["sigterm"]:
+            if (step + 1) % rl.save_every == 0 or done or sigterm:
                 save_checkpoint(ckpt, model, opt, sched, step + 1, cfg)
-        if stop["sigterm"]:
+        if bad >= rl.max_bad_steps:
+            signal.signal(signal.SIGTERM, previous_handler)
+            sys.exit(f"stopping at step {step + 1}: {bad} consecutive skipped steps (last: non-finite "
+                     f"{why}; rl.max_bad_steps={rl.max_bad_steps}); fix the cause and rerun to resume from {ckpt}")
+        if sigterm:
             log0(f"SIGTERM: saved {ckpt} at step {step + 1}; rerun the same command to resume")
             break
     else:
@@ -283,6 +417,11 @@ def main(argv: list[str]) -> None:
             results["after"] = run_eval(model, held, cfg, "after", device)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(evaluate.markdown_table(list(results.values())))
+    if log is not None:
+        log.close()
+    # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.
+    print(f"rank {rank}/{world}: weights sha256 {fingerprint(model)}", flush=True)
+    signal.signal(signal.SIGTERM, previous_handler)
     if ddp:
         dist.destroy_process_group()
 

@@ -68,3 +68,9 @@ def test_bad_yaml_files(tmp_path):
         config.parse(Top, [write(tmp_path, "- 1\n- 2\n")])
     with pytest.raises(ConfigError, match="unknown key rl.bogus"):
         config.parse(Top, [write(tmp_path, "rl:\n  bogus: 1\n")])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
+def test_every_shipped_config_parses(path):
+    cfg, name = config.parse(config.Config, [path])
+    assert name in path and cfg.run.world_model in ("ar", "nfd")

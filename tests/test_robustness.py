@@ -1,0 +1,311 @@
+"""train.py under stress: rank-invariant rollouts, torchrun with 2 CPU ranks vs 1 process, SIGKILL and
+SIGTERM mid-run, the non-finite guard, and bad launches. Reuses test_train's tiny world model.
+
+Bad input tested elsewhere (not repeated here): malformed YAML, unknown keys, wrong types, missing
+config files (test_config.py); corrupt or truncated mp4/jsonl and short clips (test_data.py); a
+malicious pickle and checkpoint key errors of model files (test_idm.py, test_model_ar.py); rewards
+that do not split into groups (test_grpo.py).
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import data
+import model_ar
+import model_diffusion
+import sde_sampler
+import train
+from test_model_diffusion import clip, tiny_model
+from test_train import assets, tiny_args, tiny_cfg  # noqa: F401  (assets is a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def args(assets, out, *extra):
+    """The tiny 2-prompt × G=2 run of test_train, STEPS steps, a checkpoint every step. The pixel reward
+    (Eq. 6, L1 only): the random tiny IDM scores every rollout of a group alike (zero advantages, zero
+    gradients, nothing to compare), while L1 differs between rollouts. The loop is the same."""
+    return [*tiny_args(assets, out, steps=STEPS), "--rl.save_every=1", "--rl.reward=pixel", *extra]
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "ckpt.pt", weights_only=True)["model"]
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def launch(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early:\n{proc.stdout.read()}"
+        assert time.time() < end, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One uninterrupted 1-process run: the baseline every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    train.main(args(assets, out))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Rank-invariant rollouts: the noise of a group depends on (seed, step, global prompt index) only.
+
+
+def test_ar_rollout_of_a_group_does_not_depend_on_the_rank_layout(assets):
+    cfg = tiny_cfg(assets)
+    model = train.build_world_model(cfg)
+    clips = data.load_clips(cfg.data)[0]
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:4], 16).items()}  # 4 prompts × G=2
+    x0, tok = batch["frames"][:, 0], batch["tokens"]
+    whole = train.rollout(model, x0, tok, cfg, train.group_generators(7, 3, 4, 0, 1, "cpu"))
+    for rank in (0, 1):                                       # rank r of 2 holds prompts r and r + 2
+        rows = torch.tensor([2 * p + j for p in (rank, rank + 2) for j in range(2)])
+        part = train.rollout(model, x0[rows], tok[rows], cfg, train.group_generators(7, 3, 4, rank, 2, "cpu"))
+        assert torch.equal(part.tokens, whole.tokens[rows]) and torch.equal(part.frames, whole.frames[rows])
+        assert torch.allclose(part.logp, whole.logp[rows], atol=1e-6)
+    # The same prompt under another step or prompt index draws other noise (the seeds really differ).
+    same = x0[:1].repeat(2, 1, 1, 1), tok[:1].repeat(2, 1, 1)
+    a = train.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 0, 2, "cpu")).tokens
+    b = train.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 1, 2, "cpu")).tokens
+    c = train.rollout(model, *same, cfg, train.group_generators(7, 4, 2, 0, 2, "cpu")).tokens
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_nfd_rollout_of_a_group_does_not_depend_on_the_rank_layout():
+    model = tiny_model(frames=3)
+    video, tok = clip(4, 3)                                   # 2 prompts × G=2
+    sde_cfg = sde_sampler.SDEConfig(steps=4, tau=0.5, same_noise=True)
+    gens = lambda ps: [torch.Generator().manual_seed(100 + p) for p in ps]   # noqa: E731
+    whole = model_diffusion.rollout(model, video[:, 0], tok, sde_cfg, gens([0, 1]), group_size=2)
+    for p in (0, 1):
+        part = model_diffusion.rollout(model, video[2 * p:2 * p + 2, 0], tok[2 * p:2 * p + 2], sde_cfg,
+                                       gens([p]), group_size=2)
+        assert torch.equal(part.mask, whole.mask[2 * p:2 * p + 2])
+        assert torch.allclose(part.traj, whole.traj[2 * p:2 * p + 2], atol=1e-5)
+    assert not torch.equal(whole.traj[0, :, 0], whole.traj[2, :, 0])  # groups start from other noise
+    assert torch.equal(whole.traj[0, :, 0], whole.traj[1, :, 0])       # members share x_1 (ref §7(H))
+
+
+def test_generators_must_split_the_batch_into_whole_groups():
+    with pytest.raises(ValueError, match="5 rows cannot be split evenly over 2 generators"):
+        model_ar.exponential_noise((5, 8), [torch.Generator(), torch.Generator()], "cpu")
+    with pytest.raises(ValueError, match="5 rows cannot be split evenly over 2 generators"):
+        model_diffusion._per_group(lambda b, g: torch.randn(b, 3, generator=g), 5,
+                                   [torch.Generator(), torch.Generator()])
+
+
+# -----------------------------------------------------------------------------
+# torchrun: 2 CPU ranks (gloo) train what 1 process trains, and stay identical to each other.
+
+
+def test_torchrun_two_ranks_match_one_process(assets, reference, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *args(assets, out)]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    prints = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", run.stdout))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints   # replicas identical
+    cfg = tiny_cfg(assets)
+    model = train.build_world_model(cfg)
+    model.load_state_dict(weights(out))
+    assert train.fingerprint(model) == prints["0"]            # the printed hash is of the saved weights
+    a, b, init = weights(reference), weights(out), torch.load(assets / "ar.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(b[k], init[k]) for k in b)     # it trained
+    assert all(row["grad_norm"] > 0 for row in log_rows(reference))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+    for r1, r2 in zip(log_rows(reference), log_rows(out), strict=True):   # global stats on both
+        for key in ("reward_mean", "reward_std", "loss", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+
+
+# -----------------------------------------------------------------------------
+# Pre-emption: SIGKILL at any moment leaves a loadable checkpoint; SIGTERM saves and exits 0.
+
+
+def test_sigkill_at_a_random_moment_then_resume_reproduces_the_unbroken_run(assets, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = launch([sys.executable, "train.py", *args(assets, out)])
+    wait_for(lambda: (out / "ckpt.pt").exists(), proc)
+    delay = random.uniform(0.0, 1.0)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    state = torch.load(out / "ckpt.pt", weights_only=True)    # the last checkpoint loads
+    assert 1 <= state["step"] <= STEPS, delay
+    train.main(args(assets, out))                             # resume to the end
+    a, b = weights(reference), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"not bitwise equal after a kill at +{delay:.2f} s"
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), delay   # no duplicates, no torn line
+    assert rows[-1]["loss"] == log_rows(reference)[-1]["loss"]
+
+
+def test_sigterm_saves_exits_zero_and_the_rerun_continues(assets, reference, tmp_path):
+    out = tmp_path / "preempted"
+    proc = launch([sys.executable, "train.py", *args(assets, out, "--rl.save_every=100")])
+    wait_for(lambda: (out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout[-3000:]
+    saved = re.search(r"SIGTERM: saved \S+ at step (\d+); rerun the same command to resume", stdout)
+    assert saved, stdout[-3000:]
+    step = int(saved.group(1))
+    assert 1 <= step < STEPS and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+    train.main(args(assets, out, "--rl.save_every=100"))
+    assert [r["step"] for r in log_rows(out)] == list(range(1, STEPS + 1))
+    a, b = weights(reference), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# Non-finite guard: the step is skipped with its reason, weights and AdamW state stay bitwise.
+
+
+@pytest.fixture(scope="module")
+def one_step(assets, tmp_path_factory):
+    """A run stopped after step 1 (its checkpoint), to continue under injected faults."""
+    out = tmp_path_factory.mktemp("one_step")
+    train.main(args(assets, out, "--rl.steps=1"))
+    return out
+
+
+def inject(monkeypatch, what: str, from_call: int = 1) -> None:
+    """Make the reward, the log-probs or the loss NaN from the `from_call`-th call on."""
+    target, name = {"reward": (train, "rewards"), "log-prob": (train, "log_probs"),
+                    "loss": (train.grpo, "policy_loss")}[what]
+    real, calls = getattr(target, name), []
+
+    def fake(*a, **k):
+        calls.append(1)
+        result = real(*a, **k)
+        if len(calls) < from_call:
+            return result
+        if isinstance(result, tuple):                         # policy_loss -> (loss, stats)
+            return result[0] * float("nan"), result[1]
+        return result * float("nan")
+
+    monkeypatch.setattr(target, name, fake)
+
+
+@pytest.mark.parametrize("what", ["reward", "log-prob", "loss"])
+def test_a_non_finite_step_changes_nothing_and_says_why(assets, one_step, tmp_path, monkeypatch, capsys, what):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    before = torch.load(out / "ckpt.pt", weights_only=True)
+    inject(monkeypatch, what)
+    train.main(args(assets, out, "--rl.steps=2"))
+    after = torch.load(out / "ckpt.pt", weights_only=True)
+    assert after["step"] == 2
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    opt_a, opt_b = before["optimizer"]["state"], after["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[i][k], opt_b[i][k])
+                                                for i in opt_a for k in opt_a[i])
+    assert log_rows(out)[-1]["skipped"] == f"non-finite {what}"
+    assert f"step 2: skipped the update (non-finite {what}), 1 in a row" in capsys.readouterr().out
+
+
+def test_consecutive_non_finite_steps_stop_the_run(assets, one_step, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    inject(monkeypatch, "reward")
+    with pytest.raises(SystemExit, match=r"stopping at step 3: 2 consecutive skipped steps \(last: non-finite "
+                                         r"reward; rl.max_bad_steps=2\)"):
+        train.main(args(assets, out, "--rl.steps=10", "--rl.max_bad_steps=2"))
+    assert [r.get("skipped") for r in log_rows(out)] == [None, "non-finite reward", "non-finite reward"]
+
+
+def test_a_good_step_resets_the_count_of_bad_ones(assets, one_step, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    real, calls = train.rewards, []
+
+    def every_other(*a, **k):                                 # NaN at steps 2 and 4, fine at 3
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) % 2 else 1.0)
+
+    monkeypatch.setattr(train, "rewards", every_other)
+    train.main(args(assets, out, "--rl.steps=4", "--rl.max_bad_steps=2"))   # never 2 in a row: no stop
+    assert [r.get("skipped") is None for r in log_rows(out)] == [True, False, True, False]
+
+
+# -----------------------------------------------------------------------------
+# Bad launches and bad checkpoints fail before any work, in one line that says what to do.
+
+
+@pytest.mark.parametrize("world, prompts, message", [
+    (4, 2, "4 ranks but only rl.prompts=2 prompts per step"),
+    (3, 4, "rl.prompts=4 must be a multiple of the 3 ranks"),
+])
+def test_rank_count_that_does_not_fit_the_prompts(assets, tmp_path, monkeypatch, world, prompts, message):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        train.main(args(assets, tmp_path / "run", f"--rl.prompts={prompts}"))
+    assert "\n" not in str(e.value.code)
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()   # before any work
+
+
+@pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps"])
+def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
+    with pytest.raises(SystemExit, match="must all be >= 1"):
+        train.main(args(assets, tmp_path / "run", f"--{key}=0"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "is not a loadable checkpoint"),
+    ("pickle", "is not a loadable checkpoint"),
+    ("drop_key", "missing keys ['transformer.lm_head.weight']"),
+    ("reshape", "mis-shaped ['transformer.lm_head.weight [1, 1] != "),
+    ("not_train", "lacks ['optimizer', 'scheduler', 'step', 'rng']"),
+])
+def test_a_damaged_checkpoint_fails_with_a_message(assets, one_step, tmp_path, monkeypatch, damage, message):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    ckpt = out / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    if damage == "truncate":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    elif damage == "pickle":
+        monkeypatch.chdir(tmp_path)
+        torch.save({"model": Payload()}, ckpt)
+    elif damage == "not_train":
+        torch.save({"model": state["model"]}, ckpt)
+    else:
+        if damage == "drop_key":
+            del state["model"]["transformer.lm_head.weight"]
+        else:
+            state["model"]["transformer.lm_head.weight"] = torch.zeros(1, 1)
+        torch.save(state, ckpt)
+    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+        train.main(args(assets, out))
+    assert "\n" not in str(e.value.code) and "config.yaml" in str(e.value.code)
+    assert not (tmp_path / "pwned").exists()
