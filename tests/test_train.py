@@ -60,25 +60,24 @@ def test_first_pass_ratio_is_one_and_every_parameter_moves(assets):
     assert not any(p.requires_grad for p in model.tokenizer.parameters())   # the VQ is frozen
 
 
-def test_run_writes_results_and_resume_reproduces_the_next_step(assets, tmp_path):
-    full = tmp_path / "full"
-    train.main([*tiny_args(assets, full, steps=2)])
-    rows = json.loads((full / "results.json").read_text())
+def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
+    """The run folder holds what the README promises; exact resume, SIGKILL/SIGTERM and DDP are in
+    test_robustness.py. The pixel reward (Eq. 6) gives every group a spread, so weights must move."""
+    out = tmp_path / "run"
+    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel"])
+    assert config.parse(config.Config, [str(out / "config.yaml")])[0].rl.reward == "pixel"
+    rows = json.loads((out / "results.json").read_text())
     assert set(rows) == {"gt", "before", "after"} and "judge_f1_macro" in rows["after"]
-    log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all("reward_mean" in r for r in log)
-    # Stop after step 1 (a checkpoint), then rerun: step 2 must equal the uninterrupted run's.
-    part = tmp_path / "part"
-    train.main([*tiny_args(assets, part, steps=2), "--rl.save_every=1", "--rl.steps=1"])
-    resumed_cfg = [*tiny_args(assets, part, steps=2)]
-    train.main(resumed_cfg)
-    log2 = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
-    assert log2[-1]["step"] == 2
-    for key in ("loss", "reward_mean", "grad_norm"):
-        assert log2[-1][key] == pytest.approx(log[-1][key], rel=1e-6, abs=1e-9), key
-    a = torch.load(full / "ckpt.pt", weights_only=True)["model"]
-    b = torch.load(part / "ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)            # bitwise on CPU
+    assert rows["gt"]["psnr"] is None and rows["after"]["psnr"] > 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("reward_mean", "reward_std", "zero_std_frac", "clip_frac", "approx_kl", "loss", "lr",
+                "seconds"):
+        assert all(key in r for r in log), key
+    assert log[0]["zero_std_frac"] < 1 and log[0]["grad_norm"] > 0
+    init = torch.load(assets / "ar.pt", weights_only=True)["state_dict"]
+    final = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert any(not torch.equal(final[k], init[k]) for k in final if k.startswith("transformer."))
 
 
 def tiny_args(d, out, steps):
