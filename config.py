@@ -192,6 +192,7 @@ class RLConfig:
 @dataclasses.dataclass
 class PretrainConfig:
     out: str = ""               # checkpoint path; "" = assets/minicraft/<stage>.pt
+    init_from: str = ""         # continue from this checkpoint of the same stage ("" = fresh init)
     steps: int = 1200           # optimizer steps
     batch_size: int = 16        # clips per step (x16 frames each)
     lr: float = 2e-3            # peak AdamW learning rate (linear warmup, cosine decay to 10%)

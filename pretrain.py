@@ -106,7 +106,8 @@ def idm_accuracy(model: idm_lib.IDM, batch: dict, chunk: int = 32) -> dict:
 
 def train_idm(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
-    model = idm_lib.IDM.from_config(cfg.idm)
+    init = cfg.pretrain.init_from
+    model = idm_lib.load(init) if init else idm_lib.IDM.from_config(cfg.idm)
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
 
     def loss_fn(step):
@@ -134,6 +135,8 @@ def frame_batches(clips: list, cfg: Config):
 def train_vq(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
     tok = model_ar.Tokenizer(cfg.vq)
+    if cfg.pretrain.init_from:
+        model_ar.load_weights(tok, model_ar.read_state_dict(cfg.pretrain.init_from), cfg.pretrain.init_from)
     sample = frame_batches(clips, cfg)
 
     def loss_fn(step):
@@ -158,6 +161,8 @@ def train_ar(cfg: Config) -> None:
         sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
     clips, held = clips_and_held_out(cfg, cfg.ar.n_codes)
     model = model_ar.build_world_model(cfg.ar, cfg.vq)
+    if cfg.pretrain.init_from:
+        model_ar.load_checkpoint(model, cfg.pretrain.init_from)
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, offset=cfg.ar.n_codes)
 
     def loss_fn(step):
@@ -183,6 +188,8 @@ def train_ar(cfg: Config) -> None:
 def train_ae(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
     ae = model_diffusion.FrameAE(cfg.ae)
+    if cfg.pretrain.init_from:
+        model_diffusion.load_weights(ae, cfg.pretrain.init_from)
     sample = frame_batches(clips, cfg)
 
     def loss_fn(step):
@@ -206,6 +213,8 @@ def train_nfd(cfg: Config) -> None:
     clips, held = clips_and_held_out(cfg)
     model = model_diffusion.NFD(cfg.nfd, cfg.ae)
     model_diffusion.load_weights(model.ae, cfg.ae.init_from)
+    if cfg.pretrain.init_from:
+        model_diffusion.load_weights(model, cfg.pretrain.init_from)
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
     gen = torch.Generator().manual_seed(cfg.run.seed)
 

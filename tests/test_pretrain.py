@@ -25,7 +25,14 @@ def run(stage, tmp_path, *extra):
 def test_idm_stage(tmp_path):
     out, last = run("idm", tmp_path, "--idm.hidsize=32", "--idm.attention_heads=2")
     assert 0 <= last["acc_exact"] <= 1 and "acc_camera_yaw" in last
-    assert idm_lib.load(str(out)).kwargs["hidsize"] == 32
+    first = idm_lib.load(str(out))
+    assert first.kwargs["hidsize"] == 32
+    (tmp_path / "more").mkdir()
+    more, _ = run("idm", tmp_path / "more", f"--pretrain.init_from={out}")   # continue training
+    again = idm_lib.load(str(more))
+    assert again.kwargs["hidsize"] == 32                      # the file's architecture, not the config's
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                     again.state_dict().values()))
 
 
 def test_ar_stages(tmp_path):
