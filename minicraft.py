@@ -446,6 +446,8 @@ class Worlds:
             ox, oy, size = ox - 6 * s, oy - 8 * s, size * 1.35
         elif p.swing == "drop":                               # a dip: the hand lets go
             oy += 10 * s
+        if p.jump == 1:                                       # take-off: the body lifts, the arm
+            ox, oy = ox + 5 * s, oy + 6 * s                   # lags down and out for one frame
         x0, y0 = int(W * 0.70 + ox), int(H * 0.70 + oy)
         img[max(y0 + int(size * 0.6), 0):, max(x0 + int(size * 0.5), 0):
             min(x0 + int(size * 1.3), W)] = (205, 150, 115)  # the arm (skin)
