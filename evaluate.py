@@ -450,6 +450,7 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
         if argv[i].startswith("--") and key in flags:
             if not eq:
                 if i + 1 >= len(argv):
+                    import config  # not at the top: config.py imports EvalConfig from this file
                     raise config.ConfigError(f"--{key} needs a value")
                 value, i = argv[i + 1], i + 1
             if key == "generated":
