@@ -169,9 +169,11 @@ def load_lpips(backbone: str) -> tuple[torch.nn.Module | None, str]:
     (module, "") or (None, the reason it is unavailable). Nothing is downloaded: the trunk is built
     random (pnet_rand=True) and then gets the AlexNet `features` weights from `backbone` (a
     torchvision alexnet state dict, with or without the `features.` prefix; "" = the torch hub cache)."""
-    import lpips
-
     path = backbone or alexnet_cache_path()
+    try:
+        import lpips
+    except ImportError:
+        return None, "lpips unavailable: the `lpips` package is not installed (pip install -r requirements.txt)"
     if not os.path.isfile(path):
         return None, (f"lpips unavailable: no AlexNet weights at {path}; put torchvision's "
                       f"alexnet-owt-7be5be79.pth there or pass --eval.lpips_backbone=PATH")

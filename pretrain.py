@@ -11,6 +11,12 @@ this script makes small ones, and `assets/minicraft/` ships them. One stage per 
     python pretrain.py ae  configs/minicraft_nfd.yaml           # frame autoencoder of the NFD model
     python pretrain.py nfd configs/minicraft_nfd.yaml           # NFD base model (flow matching)
     python pretrain.py idm --pretrain.steps=50 --pretrain.out=/tmp/idm.pt   # a quick smoke run
+    torchrun --standalone --nproc_per_node=8 pretrain.py nfd configs/nfd_310m.yaml --data.source=DIR \
+        --ae.init_from=ae.pt --pretrain.out=nfd_310m.pt                # paper scale, 1 node, 8 GPUs
+
+On GPU (run.device auto) the forward and backward run under bf16 autocast; with torchrun each rank
+takes its share of the global batch (pretrain.batch_size) and gradients are averaged over ranks.
+World-model checkpoints are stored in fp16 (small files; loaders cast to the model's dtype).
 
 The reward IDM scores rollouts during RL; the judge IDM is trained the same way on disjoint worlds
 (another seed) and only ever evaluates, so reward hacking of the reward IDM shows up as a gap between
@@ -18,16 +24,19 @@ the two (DESIGN.md, "Go beyond").
 """
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import config
 import data
+import evaluate
 import idm as idm_lib
 import model_ar
 import model_diffusion
@@ -42,48 +51,93 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict]:
-    """Training clips (data section) and a collated batch of held-out clips from other worlds;
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict, list]:
+    """Training clips (data section), and held-out clips from other worlds, collated and as a list;
     action tokens start at `offset` (the AR model's codebook size; 8192 elsewhere)."""
     t0 = time.time()
     clips, skips = data.load_clips(cfg.data)
     pc = cfg.pretrain
     held_cfg = DataConfig(**{**vars(cfg.data), "seed": pc.eval_seed, "max_clips": pc.eval_clips})
-    held = data.collate(data.load_clips(held_cfg)[0], offset)
+    held = data.load_clips(held_cfg)[0]
     print(f"data: {len(clips)} train clips (seed {cfg.data.seed}), {pc.eval_clips} held-out "
           f"(seed {pc.eval_seed}) in {time.time() - t0:.0f}s; skipped: {dict(skips.counts)}")
-    return clips, held
+    return clips, data.collate(held, offset), held
 
 
-def fit(name: str, cfg: Config, params, loss_fn, evaluate, save) -> None:
+def action_following(generate, held: list, cfg: Config) -> dict:
+    """Judge-IDM macro F1 and PSNR of clips the world model samples from held-out prompts
+    (evaluate.py's protocol): the base model's distance to the GT row is the headroom RLIR works
+    with, and the figure that says where to stop pretraining (README)."""
+    row = evaluate.evaluate(generate, held, cfg.eval, "pretrain")
+    return {"judge_f1": round(row["judge_f1_macro"], 4), "judge_cam_err": round(row["judge_camera_bin_error"], 3),
+            "psnr": round(row["psnr"], 2)}
+
+
+def half(module: torch.nn.Module) -> dict:
+    """State dict with floating tensors in fp16, on CPU: what the world-model checkpoints store."""
+    return {k: v.detach().cpu().half() if v.is_floating_point() else v.cpu()
+            for k, v in module.state_dict().items()}
+
+
+def average_gradients(params: list, world: int) -> None:
+    """Data parallelism by hand (DDP's all-reduce without its hooks, so any loss function works):
+    one flat all-reduce of every gradient, divided by the number of ranks."""
+    for p in params:                                          # a parameter this loss did not use
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])            # [n_params]
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.device) -> None:
     """The loop every stage shares: AdamW with warmup + cosine, gradient clipping, a JSONL log next
-    to the checkpoint, a held-out evaluation and a save every `eval_every` steps."""
+    to the checkpoint, a held-out evaluation and a save every `eval_every` steps (rank 0 only)."""
     pc = cfg.pretrain
+    rank, world = rank_world()
     out = Path(pc.out or f"assets/minicraft/{name}.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
     params = [p for p in params if p.requires_grad]
-    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}, "
+          f"{world} rank(s)")
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
-    with open(out.with_suffix(".log.jsonl"), "w") as log:
-        for step in (bar := tqdm(range(pc.steps), desc=name)):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, pc)
+    log = None
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = open(out.with_suffix(".log.jsonl"), "w")
+    for step in (bar := tqdm(range(pc.steps), desc=name, disable=rank > 0)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, pc)
+        with autocast:
             loss = loss_fn(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
-            opt.step()
-            row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, pc),
-                   "seconds": round(time.time() - t0, 1)}
-            if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
-                row.update(evaluate())
-                save(out)
-                bar.write(json.dumps(row))
-            bar.set_postfix(loss=row["loss"])
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-    print(f"saved {out} after {time.time() - t0:.0f}s of training")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
+        opt.step()
+        if rank > 0:
+            continue
+        row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, pc),
+               "seconds": round(time.time() - t0, 1)}
+        if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
+            row.update(evaluate())
+            save(out)
+            bar.write(json.dumps(row))
+        bar.set_postfix(loss=row["loss"])
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    if rank == 0:
+        log.close()
+        print(f"saved {out} after {time.time() - t0:.0f}s of training")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,40 +158,43 @@ def idm_accuracy(model: idm_lib.IDM, batch: dict, chunk: int = 32) -> dict:
     return out
 
 
-def train_idm(cfg: Config) -> None:
-    clips, held = clips_and_held_out(cfg)
+def train_idm(cfg: Config, device: torch.device) -> None:
+    clips, held, _ = clips_and_held_out(cfg)
     init = cfg.pretrain.init_from
-    model = idm_lib.load(init) if init else idm_lib.IDM.from_config(cfg.idm)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
+    model = (idm_lib.load(init) if init else idm_lib.IDM.from_config(cfg.idm)).to(device)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
 
     def loss_fn(step):
-        batch = next(batches)
+        batch = {k: v.to(device) for k, v in next(batches).items()}
         model.train()
-        mask = torch.ones(batch["frames"].shape[:2])          # [B, T]
+        mask = torch.ones(batch["frames"].shape[:2], device=device)  # [B, T]
         mask[:, 0] = 0                                        # a_0 happened before the clip
         return idm_lib.idm_loss(model(batch["frames"]), batch["buttons"], batch["camera_bins"], mask)
 
     fit("idm", cfg, model.parameters(), loss_fn, lambda: idm_accuracy(model, held),
-        lambda out: idm_lib.save(model, str(out)))
+        lambda out: idm_lib.save(model, str(out)), device)
 
 
 # ---------------------------------------------------------------------------------------------
 # VQ tokenizer and AR base model (MineWorld §4.2: VQ-VAE codes, then next-token prediction).
 # ---------------------------------------------------------------------------------------------
-def frame_batches(clips: list, cfg: Config):
-    """Tokenizers see single frames: each call draws batch_size x clip_len random frames."""
+def frame_batches(clips: list, cfg: Config, device: torch.device):
+    """Tokenizers see single frames: each call draws this rank's share of batch_size x clip_len
+    random frames (each rank its own stream)."""
     frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    n = cfg.pretrain.batch_size * cfg.data.clip_len
-    return lambda: frames[torch.randint(len(frames), (n,), generator=gen)]   # [n, H, W, 3]
+    rank, world = rank_world()
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
+    n = cfg.pretrain.batch_size * cfg.data.clip_len // world
+    return lambda: frames[torch.randint(len(frames), (n,), generator=gen)].to(device)  # [n, H, W, 3]
 
 
-def train_vq(cfg: Config) -> None:
-    clips, held = clips_and_held_out(cfg)
+def train_vq(cfg: Config, device: torch.device) -> None:
+    clips, held, _ = clips_and_held_out(cfg)
     tok = model_ar.Tokenizer(cfg.vq)
     if cfg.pretrain.init_from:
         model_ar.load_weights(tok, model_ar.read_state_dict(cfg.pretrain.init_from), cfg.pretrain.init_from)
-    sample = frame_batches(clips, cfg)
+    tok.to(device)
+    sample = frame_batches(clips, cfg, device)
 
     def loss_fn(step):
         tok.train()
@@ -146,38 +203,43 @@ def train_vq(cfg: Config) -> None:
     @torch.no_grad()
     def evaluate():
         tok.eval()
-        x = held["frames"][:, 1:].flatten(0, 1)               # [N*15, H, W, 3]
+        x = held["frames"][:, 1:].flatten(0, 1).to(device)   # [N*15, H, W, 3]
         ids = tok.encode(x)
         mse = ((tok.decode(ids).float() - x.float()) ** 2).mean()
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2),
                 "codes_used": int(ids.unique().numel())}
 
     fit("vq", cfg, tok.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"state_dict": tok.state_dict()}, out))
+        lambda out: torch.save({"state_dict": half(tok)}, out), device)
 
 
-def train_ar(cfg: Config) -> None:
+def train_ar(cfg: Config, device: torch.device) -> None:
     if cfg.vq.init_from == "scratch" and not cfg.vq.diffusers_config:
         sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
-    clips, held = clips_and_held_out(cfg, cfg.ar.n_codes)
+    clips, held, held_clips = clips_and_held_out(cfg, cfg.ar.n_codes)
     model = model_ar.build_world_model(cfg.ar, cfg.vq)
     if cfg.pretrain.init_from:
         model_ar.load_checkpoint(model, cfg.pretrain.init_from)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, offset=cfg.ar.n_codes)
+    model.to(device)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
+                           offset=cfg.ar.n_codes)
 
     def loss_fn(step):
         batch = next(batches)
         model.train()
-        return model_ar.lm_loss(model, batch["frames"], batch["tokens"])
+        return model_ar.lm_loss(model, batch["frames"].to(device), batch["tokens"].to(device))
 
     @torch.no_grad()
     def evaluate():
         model.eval()
-        loss = model_ar.lm_loss(model, held["frames"][:32], held["tokens"][:32])
-        return {"held_out_loss": round(float(loss), 4)}
+        loss = model_ar.lm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device))
+        gen = torch.Generator(device).manual_seed(0)
+        sample = lambda x0, b: model_ar.sample_frames(model, x0.to(device), b["tokens"].to(device)
+                                                      - 8192 + cfg.ar.n_codes, generator=gen)
+        return {"held_out_loss": round(float(loss), 4), **action_following(sample, held_clips, cfg)}
 
     fit("ar", cfg, model.transformer.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"state_dict": model.state_dict()}, out))
+        lambda out: torch.save({"state_dict": half(model)}, out), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,12 +247,13 @@ def train_ar(cfg: Config) -> None:
 # diffusion forcing). NFD's weights are not public: this is how a user makes a base model, here
 # or at paper scale with torchrun on VPT data.
 # ---------------------------------------------------------------------------------------------
-def train_ae(cfg: Config) -> None:
-    clips, held = clips_and_held_out(cfg)
+def train_ae(cfg: Config, device: torch.device) -> None:
+    clips, held, _ = clips_and_held_out(cfg)
     ae = model_diffusion.FrameAE(cfg.ae)
     if cfg.pretrain.init_from:
         model_diffusion.load_weights(ae, cfg.pretrain.init_from)
-    sample = frame_batches(clips, cfg)
+    ae.to(device)
+    sample = frame_batches(clips, cfg, device)
 
     def loss_fn(step):
         ae.train()
@@ -199,39 +262,43 @@ def train_ae(cfg: Config) -> None:
     @torch.no_grad()
     def evaluate():
         ae.eval()
-        x = held["frames"][:, 1:].flatten(0, 1)               # [N*15, H, W, 3]
+        x = held["frames"][:, 1:].flatten(0, 1).to(device)   # [N*15, H, W, 3]
         mse = ((ae.decode(ae.encode(x)).float() - x.float()) ** 2).mean()
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2)}
 
     fit("ae", cfg, ae.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"model": ae.state_dict()}, out))
+        lambda out: torch.save({"model": half(ae)}, out), device)
 
 
-def train_nfd(cfg: Config) -> None:
+def train_nfd(cfg: Config, device: torch.device) -> None:
     if not cfg.ae.init_from:
         sys.exit("pretrain nfd: set ae.init_from to a trained frame autoencoder (python pretrain.py ae ...)")
-    clips, held = clips_and_held_out(cfg)
     model = model_diffusion.NFD(cfg.nfd, cfg.ae)
     model_diffusion.load_weights(model.ae, cfg.ae.init_from)
+    clips, held, held_clips = clips_and_held_out(cfg)
     if cfg.pretrain.init_from:
         model_diffusion.load_weights(model, cfg.pretrain.init_from)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
+    model.to(device)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
+    gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + rank_world()[0])
 
     def loss_fn(step):
         batch = next(batches)
         model.train()
-        return model_diffusion.fm_loss(model, batch["frames"], batch["tokens"], gen)
+        return model_diffusion.fm_loss(model, batch["frames"].to(device), batch["tokens"].to(device), gen)
 
     @torch.no_grad()
     def evaluate():
         model.eval()
-        loss = model_diffusion.fm_loss(model, held["frames"][:32], held["tokens"][:32],
-                                       torch.Generator().manual_seed(0))
-        return {"held_out_loss": round(float(loss), 4)}
+        loss = model_diffusion.fm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device),
+                                       torch.Generator(device).manual_seed(0))
+        gen = torch.Generator(device).manual_seed(0)
+        sample = lambda x0, b: model_diffusion.sample_frames(model, x0.to(device), b["tokens"].to(device),
+                                                             cfg.sde, gen)
+        return {"held_out_loss": round(float(loss), 4), **action_following(sample, held_clips, cfg)}
 
     fit("nfd", cfg, model.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"model": model.state_dict()}, out))
+        lambda out: torch.save({"model": half(model)}, out), device)
 
 
 STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar, "ae": train_ae, "nfd": train_nfd}
@@ -241,11 +308,22 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in STAGES:
         sys.exit(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
     cfg, _ = config.parse(Config, argv[1:])
+    # The device and process-group rules of train.py: torchrun sets RANK; nccl on GPU, gloo on CPU.
+    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
-    print(config.dump(cfg))
-    STAGES[argv[0]](cfg)
+    torch.manual_seed(cfg.run.seed)                           # same init on every rank
+    if rank_world()[0] == 0:
+        print(config.dump(cfg))
+    STAGES[argv[0]](cfg, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -143,14 +143,16 @@ def kl_to_ref(mean: torch.Tensor, mean_ref: torch.Tensor, std: float | torch.Ten
 
 def select_steps(n: int, K: int, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """DanceGRPO's τ: per trajectory, a uniformly random subset of int(τ·(K − 1)) of the K − 1
-    non-final steps (the last step, into t = 0, is never trained). Returns bool [n, K]."""
+    non-final steps (the last step, into t = 0, is never trained). Returns bool [n, K] on the
+    generator's device (CPU without one)."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau={tau} must be in [0, 1]")
     if K < 1:
         raise ValueError(f"need at least one step, got K={K}")
     n_sel = int(tau * (K - 1))  # K = 10, τ = 0.6 -> 5 of 9
-    order = torch.rand(n, K - 1, generator=generator).argsort(dim=1)  # [n, K-1]  a randperm per row
-    mask = torch.zeros(n, K, dtype=torch.bool)  # [n, K]
+    dev = generator.device if generator is not None else None
+    order = torch.rand(n, K - 1, generator=generator, device=dev).argsort(dim=1)  # [n, K-1]  randperm per row
+    mask = torch.zeros(n, K, dtype=torch.bool, device=dev)  # [n, K]
     mask.scatter_(1, order[:, :n_sel], True)  # [n, K]  column K-1 stays False
     return mask
 
