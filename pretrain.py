@@ -198,16 +198,16 @@ def train_vq(cfg: Config, device: torch.device) -> None:
 
     def loss_fn(step):
         tok.train()
-        return tok.loss(sample())[0]
+        return tok.loss(sample())[0]                          # reconstruction + codebook + commitment
 
     @torch.no_grad()
     def evaluate():
         tok.eval()
         x = held["frames"][:, 1:].flatten(0, 1).to(device)   # [N*15, H, W, 3]
-        ids = tok.encode(x)
+        ids = tok.encode(x)                                   # [N*15, h, w] code ids
         mse = ((tok.decode(ids).float() - x.float()) ** 2).mean()
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2),
-                "codes_used": int(ids.unique().numel())}
+                "codes_used": int(ids.unique().numel())}     # a collapsing codebook shows here
 
     fit("vq", cfg, tok.parameters(), loss_fn, evaluate,
         lambda out: torch.save({"state_dict": half(tok)}, out), device)
@@ -224,8 +224,8 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
                            offset=cfg.ar.n_codes)
 
-    def loss_fn(step):
-        batch = next(batches)
+    def loss_fn(step):                                        # next-token cross-entropy on image
+        batch = next(batches)                                 # tokens; actions are given, not learned
         model.train()
         return model_ar.lm_loss(model, batch["frames"].to(device), batch["tokens"].to(device))
 
@@ -233,6 +233,8 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     def evaluate():
         model.eval()
         loss = model_ar.lm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device))
+        # Sampled clips, not the loss, say how well actions are followed: the same fixed noise every
+        # evaluation, and the data tokens' offset 8192 moved to this codebook's n_codes.
         gen = torch.Generator(device).manual_seed(0)
         sample = lambda x0, b: model_ar.sample_frames(model, x0.to(device), b["tokens"].to(device)
                                                       - 8192 + cfg.ar.n_codes, generator=gen)
@@ -257,7 +259,7 @@ def train_ae(cfg: Config, device: torch.device) -> None:
 
     def loss_fn(step):
         ae.train()
-        return ae.loss(sample())
+        return ae.loss(sample())                              # reconstruction + latent regulariser
 
     @torch.no_grad()
     def evaluate():
@@ -282,8 +284,8 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
     gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + rank_world()[0])
 
-    def loss_fn(step):
-        batch = next(batches)
+    def loss_fn(step):                                        # flow matching, an independent noise
+        batch = next(batches)                                 # level per frame (diffusion forcing)
         model.train()
         return model_diffusion.fm_loss(model, batch["frames"].to(device), batch["tokens"].to(device), gen)
 
@@ -292,7 +294,7 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
         model.eval()
         loss = model_diffusion.fm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device),
                                        torch.Generator(device).manual_seed(0))
-        gen = torch.Generator(device).manual_seed(0)
+        gen = torch.Generator(device).manual_seed(0)          # DPM-Solver++ from the same noise
         sample = lambda x0, b: model_diffusion.sample_frames(model, x0.to(device), b["tokens"].to(device),
                                                              cfg.sde, gen)
         return {"held_out_loss": round(float(loss), 4), **action_following(sample, held_clips, cfg)}

@@ -5,13 +5,15 @@ times with the world model, let the reward IDM read the actions back from every 
 (Eq. 3), turn rewards into group-relative advantages (Eq. 1), recompute log-probs under the current
 weights with the action tokens masked (§4.2), and step AdamW on the clipped surrogate (Eq. 2).
 
-    python train.py configs/minicraft_ar.yaml                    # embedded world, CPU
+    python train.py                                              # embedded world, NFD, CPU (minicraft_nfd.yaml)
+    python train.py configs/minicraft_ar.yaml                    # embedded world, AR, CPU
     python train.py configs/minicraft_ar.yaml --rl.reward=pixel  # the RLVR-World baseline (Eq. 6)
     python train.py configs/mineworld_700m.yaml --data.source=DIR --rl.vpt_idm=4x_idm.model,4x_idm.weights
     torchrun --standalone --nproc_per_node=8 train.py configs/mineworld_700m.yaml ...   # 1 node, 8 GPUs
 
 The run folder (`out/<config name>/` unless --run.out) gets config.yaml, log.jsonl (one line per
-step), ckpt.pt (atomic; a rerun resumes from it) and results.json (rows gt, before, after).
+step), ckpt.pt (atomic; a rerun resumes from it), results.json (rows gt, before, after) and
+side_by_side.mp4 (eval.videos held-out clips, rows GT | before | after).
 
 Robustness (DESIGN.md "Conventions"): the same code runs on 1 CPU process or N torchrun ranks, with a
 fixed global batch (rl.prompts × rl.group_size) and noise that depends on (seed, step, prompt) only, so
@@ -259,7 +261,8 @@ def trim_log(path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the paper's protocol on held-out clips (evaluate.py), reward and judge IDMs.
 # ---------------------------------------------------------------------------------------------
-def run_eval(model, clips, cfg: Config, name: str, device) -> dict:
+def run_eval(model, clips, cfg: Config, name: str, device, videos: list | None = None) -> dict:
+    """One row of evaluate.py's table; `videos` (a list) receives the first eval.videos clips."""
     model.eval()
     offset = action_offset(cfg)
 
@@ -267,13 +270,18 @@ def run_eval(model, clips, cfg: Config, name: str, device) -> dict:
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed)   # same noise every eval
         return sample(model, x0.to(device), batch["tokens"].to(device) - 8192 + offset, cfg, gen)
 
-    return evaluate.evaluate(generate, clips, cfg.eval, name)
+    return evaluate.evaluate(generate, clips, cfg.eval, name, videos_out=videos)
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "minicraft_nfd.yaml"
+
+
 def main(argv: list[str]) -> None:
+    if all(a.startswith("--") for a in argv):                 # no YAML: the embedded NFD default
+        argv = [str(DEFAULT_CONFIG), *argv]
     cfg, name = config.parse(Config, argv)
     # One code path for CPU and 1..N GPUs: torchrun sets RANK; gloo on CPU, nccl on GPU.
     ddp = "RANK" in os.environ
@@ -332,8 +340,10 @@ def main(argv: list[str]) -> None:
     results = {}
     if rank == 0 and start == 0:
         results["gt"] = evaluate.evaluate_gt(held, cfg.eval)
-        results["before"] = run_eval(model, held, cfg, "before", device)
+        videos = []                                            # kept for the side-by-side video
+        results["before"] = run_eval(model, held, cfg, "before", device, videos)
         (out / "results.json").write_text(json.dumps(results, indent=1))
+        torch.save(torch.cat(videos) if videos else torch.empty(0), out / "videos_before.pt")
         print(evaluate.markdown_table([results["gt"], results["before"]]))
     batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, action_offset(cfg))
     G, bad = rl.group_size, 0
@@ -414,9 +424,15 @@ def main(argv: list[str]) -> None:
     else:
         if rank == 0:
             results = json.loads((out / "results.json").read_text())   # gt, before
-            results["after"] = run_eval(model, held, cfg, "after", device)
+            videos = []
+            results["after"] = run_eval(model, held, cfg, "after", device, videos)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(evaluate.markdown_table(list(results.values())))
+            if videos:                                         # GT | before | after, clip by clip
+                gt = data.collate(held[:cfg.eval.videos])["frames"]          # [n, 16, H, W, 3]
+                before = torch.load(out / "videos_before.pt", weights_only=True)
+                evaluate.write_side_by_side(out / "side_by_side.mp4", [gt, before, torch.cat(videos)],
+                                            cfg.eval.fps)
     if log is not None:
         log.close()
     # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.

@@ -1,6 +1,8 @@
 """train.py end to end on a tiny world model: the GRPO invariants and exact resume."""
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,8 +66,14 @@ def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
     """The run folder holds what the README promises; exact resume, SIGKILL/SIGTERM and DDP are in
     test_robustness.py. The pixel reward (Eq. 6) gives every group a spread, so weights must move."""
     out = tmp_path / "run"
-    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel"])
+    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--eval.videos=2"])
     assert config.parse(config.Config, [str(out / "config.yaml")])[0].rl.reward == "pixel"
+    video = data.read_video(out / "side_by_side.mp4", 3 * 64 + 4, 64)   # rows GT | before | after
+    assert video.shape == (2 * 16, 3 * 64 + 4, 64, 3)
+    cfg = config.parse(config.Config, [str(out / "config.yaml")])[0]
+    held = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))[0]
+    gt = data.collate(held)["frames"][0].numpy()              # [16, 64, 64, 3]
+    assert np.abs(video[:16, :64].astype(int) - gt).mean() < 8   # row 1 is the first GT clip (mp4 loss)
     rows = json.loads((out / "results.json").read_text())
     assert set(rows) == {"gt", "before", "after"} and "judge_f1_macro" in rows["after"]
     assert rows["gt"]["psnr"] is None and rows["after"]["psnr"] > 0
@@ -91,3 +99,23 @@ def flat(tree, prefix=""):
             yield from flat(v, prefix + k + ".")
         elif v is not None:
             yield f"{prefix}{k}={json.dumps(v)}"
+
+
+def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
+    """`python train.py` (no YAML, maybe overrides) runs configs/minicraft_nfd.yaml on the shipped assets."""
+    seen = []
+
+    def stop(cls, argv):
+        seen.append(argv)
+        raise SystemExit
+    monkeypatch.setattr(config, "parse", stop)
+    for argv in ([], ["--rl.steps=3"], ["configs/minicraft_ar.yaml"]):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+    assert seen == [[str(train.DEFAULT_CONFIG)], [str(train.DEFAULT_CONFIG), "--rl.steps=3"],
+                    ["configs/minicraft_ar.yaml"]]
+    monkeypatch.undo()
+    cfg, name = config.parse(config.Config, [str(train.DEFAULT_CONFIG)])
+    assert name == "minicraft_nfd" and cfg.run.world_model == "nfd"
+    model = train.build_world_model(cfg)                      # the shipped AE and NFD base load strictly
+    assert model.cfg.hidden == cfg.nfd.hidden
