@@ -22,6 +22,7 @@ The reward IDM scores rollouts during RL; the judge IDM is trained the same way 
 (another seed) and only ever evaluates, so reward hacking of the reward IDM shows up as a gap between
 the two (DESIGN.md, "Go beyond").
 """
+import dataclasses
 import json
 import math
 import os
@@ -217,7 +218,9 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     if cfg.vq.init_from == "scratch" and not cfg.vq.diffusers_config:
         sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
     clips, held, held_clips = clips_and_held_out(cfg, cfg.ar.n_codes)
-    model = model_ar.build_world_model(cfg.ar, cfg.vq)
+    # A fresh transformer (a config's ar.init_from names what RL starts from, not what this trains);
+    # --pretrain.init_from continues a run, as in every stage.
+    model = model_ar.build_world_model(dataclasses.replace(cfg.ar, init_from="scratch"), cfg.vq)
     if cfg.pretrain.init_from:
         model_ar.load_checkpoint(model, cfg.pretrain.init_from)
     model.to(device)

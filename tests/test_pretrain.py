@@ -47,7 +47,7 @@ def test_ar_stages(tmp_path):
     ar_args = [*vq_args, f"--vq.init_from={vq}", "--ar.n_codes=16", "--ar.vocab_size=86",
                "--ar.hidden=32", "--ar.intermediate=64", "--ar.heads=2", "--ar.kv_heads=1",
                "--ar.layers=1"]
-    ar, last = run("ar", tmp_path, *ar_args)
+    ar, last = run("ar", tmp_path, *ar_args, "--ar.init_from=/absent/ar_base.pt")  # RL's start: not read
     cfg = config.parse(config.Config, [*ar_args, f"--ar.init_from={ar}"])[0]
     model = model_ar.build_world_model(cfg.ar, cfg.vq)        # the base model train.py starts from
     saved = torch.load(ar, weights_only=True)["state_dict"]
