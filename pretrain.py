@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 import config
 import data
-import evaluate
 import idm as idm_lib
 import model_ar
 import model_diffusion
+import train
 from config import Config, DataConfig, PretrainConfig
 
 
@@ -69,11 +69,12 @@ def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict, lis
     return clips, data.collate(held, offset), held
 
 
-def action_following(generate, held: list, cfg: Config) -> dict:
-    """Judge-IDM macro F1 and PSNR of clips the world model samples from held-out prompts
-    (evaluate.py's protocol): the base model's distance to the GT row is the headroom RLIR works
-    with, and the figure that says where to stop pretraining (README)."""
-    row = evaluate.evaluate(generate, held, cfg.eval, "pretrain")
+def action_following(model, held: list, cfg: Config, world_model: str, device: torch.device) -> dict:
+    """Judge-IDM macro F1 and PSNR of clips the world model samples from held-out prompts (train.py's
+    evaluation, so the numbers mean what RLIR's before/after rows mean): the base model's distance
+    to the GT row is the headroom RLIR works with, and the figure that says where to stop (README)."""
+    as_stage = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, world_model=world_model))
+    row = train.run_eval(model, held, as_stage, "pretrain", device)
     return {"judge_f1": round(row["judge_f1_macro"], 4), "judge_cam_err": round(row["judge_camera_bin_error"], 3),
             "psnr": round(row["psnr"], 2)}
 
@@ -236,12 +237,9 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     def evaluate():
         model.eval()
         loss = model_ar.lm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device))
-        # Sampled clips, not the loss, say how well actions are followed: the same fixed noise every
-        # evaluation, and the data tokens' offset 8192 moved to this codebook's n_codes.
-        gen = torch.Generator(device).manual_seed(0)
-        sample = lambda x0, b: model_ar.sample_frames(model, x0.to(device), b["tokens"].to(device)
-                                                      - 8192 + cfg.ar.n_codes, generator=gen)
-        return {"held_out_loss": round(float(loss), 4), **action_following(sample, held_clips, cfg)}
+        # Sampled clips, not the loss, say how well actions are followed.
+        return {"held_out_loss": round(float(loss), 4),
+                **action_following(model, held_clips, cfg, "ar", device)}
 
     fit("ar", cfg, model.transformer.parameters(), loss_fn, evaluate,
         lambda out: torch.save({"state_dict": half(model)}, out), device)
@@ -297,10 +295,8 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
         model.eval()
         loss = model_diffusion.fm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device),
                                        torch.Generator(device).manual_seed(0))
-        gen = torch.Generator(device).manual_seed(0)          # DPM-Solver++ from the same noise
-        sample = lambda x0, b: model_diffusion.sample_frames(model, x0.to(device), b["tokens"].to(device),
-                                                             cfg.sde, gen)
-        return {"held_out_loss": round(float(loss), 4), **action_following(sample, held_clips, cfg)}
+        return {"held_out_loss": round(float(loss), 4),
+                **action_following(model, held_clips, cfg, "nfd", device)}
 
     fit("nfd", cfg, model.parameters(), loss_fn, evaluate,
         lambda out: torch.save({"model": half(model)}, out), device)
@@ -314,8 +310,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
     cfg, _ = config.parse(Config, argv[1:])
     # The device and process-group rules of train.py: torchrun sets RANK; nccl on GPU, gloo on CPU.
-    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    device = train.pick_device(cfg.run)
+    use_cuda = device.type == "cuda"
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:

@@ -69,6 +69,12 @@ def build_world_model(cfg: Config):
     raise ValueError(f"run.world_model={cfg.run.world_model!r}: expected 'ar' or 'nfd'")
 
 
+def pick_device(run) -> torch.device:
+    """run.device "auto" means CUDA when present; under torchrun each process takes GPU LOCAL_RANK."""
+    use_cuda = run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+
+
 def action_offset(cfg: Config) -> int:
     """Action token ids start after the image codes (MineWorld: 8192; NFD reads them minus 8192)."""
     return cfg.ar.n_codes if cfg.run.world_model == "ar" else 8192
@@ -286,8 +292,8 @@ def main(argv: list[str]) -> None:
     # One code path for CPU and 1..N GPUs: torchrun sets RANK; gloo on CPU, nccl on GPU.
     ddp = "RANK" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    use_cuda = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    device = pick_device(cfg.run)
+    use_cuda = device.type == "cuda"
     rl = cfg.rl
     if world > rl.prompts:                                     # checked before any work
         sys.exit(f"{world} ranks but only rl.prompts={rl.prompts} prompts per step: each GRPO group "

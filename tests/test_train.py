@@ -67,10 +67,10 @@ def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
     test_robustness.py. The pixel reward (Eq. 6) gives every group a spread, so weights must move."""
     out = tmp_path / "run"
     train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--eval.videos=2"])
-    assert config.parse(config.Config, [str(out / "config.yaml")])[0].rl.reward == "pixel"
+    cfg = config.parse(config.Config, [str(out / "config.yaml")])[0]
+    assert cfg.rl.reward == "pixel"
     video = data.read_video(out / "side_by_side.mp4", 3 * 64 + 4, 64)   # rows GT | before | after
     assert video.shape == (2 * 16, 3 * 64 + 4, 64, 3)
-    cfg = config.parse(config.Config, [str(out / "config.yaml")])[0]
     held = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))[0]
     gt = data.collate(held)["frames"][0].numpy()              # [16, 64, 64, 3]
     assert np.abs(video[:16, :64].astype(int) - gt).mean() < 8   # row 1 is the first GT clip (mp4 loss)
