@@ -181,6 +181,8 @@ class RLConfig:
     micro_batch: int = 16       # sequences per forward/backward (gradient accumulation); memory knob
     reward: str = "idm"         # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
     granularity: str = "exact"  # inverse reward per frame: "exact" (Eq. 3, all 9 groups) or "group" (mean)
+    credit: str = "clip"        # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3);
+                                # "frame": each frame's entries get its own reward's group advantage (denser)
     reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (a `idm.save` file)
     vpt_idm: str = ""           # "MODEL,WEIGHTS": OpenAI's 4x_idm.model,4x_idm.weights instead
     prompt_seed: int = 5        # minicraft seed of the RL prompts (disjoint from IDM and eval worlds)

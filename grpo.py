@@ -44,13 +44,16 @@ def _check_config(cfg: GRPOConfig) -> None:
 def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """Â_i = (R_i − mean_group) / (std + adv_eps), groups = consecutive blocks of `group_size`.
 
-    rewards: [N] with N = n_groups · group_size (train.py repeats each prompt G times in a row).
-    Returns (adv [N] float32, stats) where stats holds plain floats: n_groups, zero_std_groups,
-    zero_std_frac, reward_mean, reward_std, adv_abs_mean.
+    rewards: [N] with N = n_groups · group_size (train.py repeats each prompt G times in a row), or
+    [N, T] for one reward per frame (train.py's rl.credit "frame"): each frame t is then normalised
+    within its group on its own, as if it were a separate group sharing the prompt and the action a_t.
+    Returns (adv, same shape as rewards, float32, stats) where stats holds plain floats: n_groups,
+    zero_std_groups and zero_std_frac (counting (group, frame) pairs for [N, T]), reward_mean,
+    reward_std, adv_abs_mean.
     """
     _check_config(cfg)
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must be [N] or [N, T], got shape {tuple(rewards.shape)}")
     n = rewards.shape[0]
     if group_size < 1 or n == 0 or n % group_size != 0:
         raise ValueError(f"{n} rewards cannot be split into groups of {group_size}; "
@@ -58,26 +61,26 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     if not torch.isfinite(rewards).all():
         raise ValueError(f"{int((~torch.isfinite(rewards)).sum())} of {n} rewards are not finite; "
                          f"skip this step and check the reward model")
-    r = rewards.detach().float().view(-1, group_size)  # [n_groups, G]
-    centred = r - r.mean(dim=1, keepdim=True)  # [n_groups, G]
+    r = rewards.detach().float().view(-1, group_size, *rewards.shape[1:])  # [n_groups, G] or [n_groups, G, T]
+    centred = r - r.mean(dim=1, keepdim=True)  # [n_groups, G(, T)]
     # A group whose rewards are all equal carries no signal (ref §6, TRL frac_reward_zero_std).
     # Test max == min, not std == 0: the float mean of equal values can be 1 ulp off (so centred ≠ 0)
     # while torch's std is exactly 0, which with adv_eps = 0 would give 0/0.
-    zero_std = r.amax(dim=1) == r.amin(dim=1)  # [n_groups]
+    zero_std = r.amax(dim=1) == r.amin(dim=1)  # [n_groups(, T)]
 
     # Population std (ddof = 0), our choice where Eq. 1 just says "std": it is defined for G = 1
     # and makes each group's advantages an exact z-score. TRL/verl/DanceGRPO use the unbiased std,
     # which only rescales Â by sqrt((G−1)/G) (0.98 at G = 24), i.e. a slightly smaller step size.
     if cfg.scale == "group":
-        adv = centred / (r.std(dim=1, correction=0, keepdim=True) + cfg.adv_eps)  # [n_groups, G]
+        adv = centred / (r.std(dim=1, correction=0, keepdim=True) + cfg.adv_eps)  # [n_groups, G(, T)]
     elif cfg.scale == "batch":
-        adv = centred / (r.std(correction=0) + cfg.adv_eps)  # [n_groups, G], TRL scale_rewards="batch"
+        adv = centred / (r.std(correction=0) + cfg.adv_eps)  # [n_groups, G(, T)], TRL scale_rewards="batch"
     else:
-        adv = centred  # [n_groups, G], Dr. GRPO (ref §4.2)
-    adv = torch.where(zero_std[:, None], 0.0, adv)  # [n_groups, G]  exactly 0 for zero-std groups
+        adv = centred  # [n_groups, G(, T)], Dr. GRPO (ref §4.2)
+    adv = torch.where(zero_std.unsqueeze(1), 0.0, adv)  # [n_groups, G(, T)]  exactly 0 for zero-std groups
     if cfg.adv_clip is not None:
         adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)  # ref §7(A), A_max = 5
-    adv = adv.reshape(n)  # [N]
+    adv = adv.reshape(rewards.shape)  # [N] or [N, T]
 
     stats = {
         "n_groups": float(r.shape[0]),
@@ -105,7 +108,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
 
     logp      [N, L] log-probs under the current policy θ (differentiable)
     old_logp  [N, L] log-probs recorded at rollout (θ_old; treated as constants)
-    adv       [N]    one advantage per sequence, broadcast over its L entries
+    adv       [N]    one advantage per sequence, broadcast over its L entries, or [N, L], one per entry
     mask      [N, L] 1/True where the entry is trained; a row may be all zero
     ref_logp  [N, L] log-probs under the frozen reference; in the loss when cfg.beta > 0, logged if given
     Returns (loss 0-d tensor, stats of plain floats; ratio_mean_per_col is a tuple of L floats).
@@ -114,8 +117,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(f"logp, old_logp and mask must all be [N, L]; got {tuple(logp.shape)}, "
                          f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")
-    if adv.shape != logp.shape[:1]:
-        raise ValueError(f"adv must be [N] = [{logp.shape[0]}], got {tuple(adv.shape)}")
+    if adv.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"adv must be [N] = [{logp.shape[0]}] or [N, L] = {list(logp.shape)}, "
+                         f"got {tuple(adv.shape)}")
     use_kl = cfg.beta > 0
     if use_kl and ref_logp is None:
         raise ValueError(f"grpo.beta={cfg.beta} > 0 needs ref_logp; pass the reference policy's "
@@ -131,7 +135,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     # the loss or its gradient.
     log_ratio = torch.where(keep, logp.float() - old_logp.detach().float(), 0.0)  # [N, L]
     ratio = torch.exp(log_ratio)  # [N, L]  ρ_{i,t}
-    a = adv.detach().float()[:, None]  # [N, 1]  Â_{i,t} = Â_i
+    a = adv.detach().float()  # [N, L], or [N] -> [N, 1]: Â_{i,t} = Â_i (Eq. 2)
+    a = a[:, None] if a.ndim == 1 else a
 
     # Eq. 2, negated: −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (ref §7(B))
     surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)  # [N, L]

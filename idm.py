@@ -391,12 +391,14 @@ def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: 
 # ----------------------------------------------------------------------------------------------------
 # The inverse reward (Eq. 3).
 
-def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact"):
+def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
+                   per_frame: bool = False):
     """Eq. 3: R = 1/n sum_{t=1..n} 1[â_t == a_t], per clip. Inputs are the 9 evaluation groups per frame
     (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop, pitch bin, yaw bin)
     of the IDM prediction and of the given actions, [B, T, 9] over frames 0..T-1. Frame 0 is the context
     frame and is not scored. granularity "exact": a frame counts only if all 9 groups match (the paper);
-    "group": the fraction of matching groups per frame (a denser variant). Returns float [B]."""
+    "group": the fraction of matching groups per frame (a denser variant). Returns float [B], or the
+    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R)."""
     if pred_groups.shape != true_groups.shape or pred_groups.ndim != 3 or pred_groups.shape[1] < 2:
         raise ValueError(f"inverse_reward: need pred and true groups of the same shape [B, T>=2, 9]; got "
                          f"{tuple(pred_groups.shape)} and {tuple(true_groups.shape)}")
@@ -404,12 +406,12 @@ def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granula
     # compared with a_t, the action that produced frame t (MineWorld's eval pairs them the same way).
     match = pred_groups[:, 1:] == true_groups[:, 1:]  # [B, T-1, 9]; frame t vs a_t, t = 1..T-1
     if granularity == "exact":
-        per_frame = match.all(dim=-1).float()  # [B, T-1]
+        scores = match.all(dim=-1).float()  # [B, T-1]
     elif granularity == "group":
-        per_frame = match.float().mean(dim=-1)  # [B, T-1]
+        scores = match.float().mean(dim=-1)  # [B, T-1]
     else:
         raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3) or 'group'; got {granularity!r}")
-    return per_frame.mean(dim=-1)  # [B]
+    return scores if per_frame else scores.mean(dim=-1)  # [B, T-1] or [B]
 
 
 # ----------------------------------------------------------------------------------------------------

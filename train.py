@@ -95,6 +95,15 @@ def log_probs(model, ro, cfg: Config) -> torch.Tensor:
     return model_diffusion.log_probs(model, ro, cfg.sde)
 
 
+def per_entry(adv: torch.Tensor, ro, cfg: Config) -> torch.Tensor:
+    """Per-frame advantages [B, F-1] (frames 1..F-1) -> one per log-prob entry [B, L] (rl.credit "frame").
+    AR: entry j belongs to frame j // frame_len (its image tokens, then the next action's; frame 0 is the
+    prompt). NFD: entry (f-1)·K + k is step k of frame f."""
+    cols = torch.arange(ro.mask.shape[1], device=adv.device)  # [L]
+    frame = cols // cfg.ar.frame_len if cfg.run.world_model == "ar" else cols // len(ro.g) + 1  # [L]
+    return torch.nn.functional.pad(adv, (1, 0))[:, frame]  # [B, L]; frame 0's entries are masked anyway
+
+
 def sample(model, x0, tokens, cfg: Config, generator=None) -> torch.Tensor:
     """Evaluation sampling (MineWorld: top-p 0.8; NFD: DPM-Solver++ 18 steps), [B, 16, H, W, 3]."""
     if cfg.run.world_model == "ar":
@@ -122,19 +131,21 @@ def load_reward_idm(cfg: Config, device) -> idm_lib.IDM:
 
 @torch.no_grad()
 def rewards(frames: torch.Tensor, batch: dict, cfg: Config, reward_idm, lpips_fn) -> torch.Tensor:
-    """One scalar per generated clip, [B]. frames uint8 [B, 16, H, W, 3]; batch holds the given
-    actions' groups and the ground-truth frames (only the pixel reward looks at those)."""
+    """The reward of every generated frame, [B, 15]; a clip's reward is their mean. frames uint8
+    [B, 16, H, W, 3]; batch holds the given actions' groups and the ground-truth frames (only the
+    pixel reward looks at those)."""
     if cfg.rl.reward == "idm":
         buttons, cam = idm_lib.predict(reward_idm, frames)     # [B, 16, 20], [B, 16, 2]
         pred = data.action_groups(buttons, cam)                # [B, 16, 9]
-        return idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity)
-    if cfg.rl.reward == "pixel":                               # Eq. 6, averaged over frames
+        return idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
+                                      per_frame=True)          # [B, 15], Eq. 3's terms
+    if cfg.rl.reward == "pixel":                               # Eq. 6, per frame
         x = frames[:, 1:].float() / 255                        # [B, 15, H, W, 3]
         y = batch["frames"][:, 1:].to(x.device).float() / 255
         loss = (x - y).abs().mean((2, 3, 4))                   # [B, 15] L1
         if lpips_fn is not None:
             loss = loss + lpips_fn(x.flatten(0, 1), y.flatten(0, 1)).view(loss.shape)
-        return -loss.mean(1)
+        return -loss
     raise ValueError(f"rl.reward={cfg.rl.reward!r}: expected 'idm' (Eq. 3) or 'pixel' (Eq. 6)")
 
 
@@ -152,17 +163,19 @@ def group_generators(seed: int, step: int, prompts: int, rank: int, world: int, 
 
 
 def gather_rewards(r: torch.Tensor, world: int, group_size: int) -> torch.Tensor:
-    """This rank's rewards [P/world * G] -> the global batch's [P * G], in prompt order 0..P-1."""
+    """This rank's rewards [P/world * G, *] -> the global batch's [P * G, *], in prompt order 0..P-1."""
     if world == 1:
         return r
     parts = [torch.empty_like(r) for _ in range(world)]
     dist.all_gather(parts, r)
-    return torch.stack(parts).view(world, -1, group_size).transpose(0, 1).reshape(-1)  # [P*G]
+    rest = r.shape[1:]                                         # () per clip, (15,) per frame
+    return torch.stack(parts).view(world, -1, group_size, *rest).transpose(0, 1).reshape(-1, *rest)
 
 
 def local_rows(x: torch.Tensor, rank: int, world: int, group_size: int) -> torch.Tensor:
-    """The inverse of gather_rewards: this rank's rows [P/world * G] of a global [P * G]."""
-    return x.view(-1, world, group_size)[:, rank].reshape(-1)
+    """The inverse of gather_rewards: this rank's rows [P/world * G, *] of a global [P * G, *]."""
+    rest = x.shape[1:]
+    return x.view(-1, world, group_size, *rest)[:, rank].reshape(-1, *rest)
 
 
 def across_ranks(values: list[float], op: str, device) -> list[float]:
@@ -301,6 +314,8 @@ def main(argv: list[str]) -> None:
     if rl.prompts % world:
         sys.exit(f"rl.prompts={rl.prompts} must be a multiple of the {world} ranks: each group "
                  f"lives on one rank (its advantages then need no communication)")
+    if rl.credit not in ("clip", "frame"):
+        sys.exit(f"rl.credit={rl.credit!r}: expected 'clip' (Eq. 1-3) or 'frame' (per-frame advantages)")
     if rl.group_size < 1 or rl.micro_batch < 1 or rl.max_bad_steps < 1:
         sys.exit(f"rl.group_size={rl.group_size}, rl.micro_batch={rl.micro_batch} and "
                  f"rl.max_bad_steps={rl.max_bad_steps} must all be >= 1")
@@ -360,7 +375,8 @@ def main(argv: list[str]) -> None:
         model.eval()
         gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)  # one per group
         ro = rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
-        r = gather_rewards(rewards(ro.frames, batch, cfg, reward_idm, lpips_fn), world, G)  # [P*G] Eq. 3/6
+        r = rewards(ro.frames, batch, cfg, reward_idm, lpips_fn)   # [P/world*G, 15] per frame
+        r = gather_rewards(r.mean(1) if rl.credit == "clip" else r, world, G)  # [P*G] Eq. 3/6, or [P*G, 15]
         n, mb = len(ro.mask), rl.micro_batch
         with torch.no_grad():                                  # π_old: the same forward as below,
             old = torch.cat([log_probs(model, slice_rollout(ro, i, i + mb), cfg)   # so the first
@@ -369,8 +385,9 @@ def main(argv: list[str]) -> None:
                                  for i in range(0, n, mb)]) if ref is not None else None)
         row, adv = {"step": step + 1}, None
         if torch.isfinite(r).all():                            # r is global: every rank agrees
-            adv_all, st = grpo.group_advantages(r.float(), G, cfg.grpo)      # Eq. 1, [P*G]
-            adv = local_rows(adv_all, rank, world, G)          # [P/world * G]
+            adv_all, st = grpo.group_advantages(r.float(), G, cfg.grpo)      # Eq. 1, [P*G(, 15)]
+            adv = local_rows(adv_all, rank, world, G)          # [P/world * G(, 15)]
+            adv = per_entry(adv, ro, cfg) if rl.credit == "frame" else adv  # [P/world * G(, L)]
             row.update(st)
         # Non-finite guard: every rank reaches the same verdict before any backward (DDP lockstep).
         why = first_nonfinite({"reward": r, "advantage": adv,

@@ -1,0 +1,157 @@
+"""The reward comparison (paper Table 2 / Figure 5): base vs RLIR vs the RLVR-World pixel reward.
+
+For each config and seed, train.py runs once per reward variant with the same iterations and seeds:
+  rlir        the inverse reward, Eq. 3 (a frame scores 1 when all 9 action groups match)
+  rlir_group  the per-group inverse reward (a frame scores the fraction of groups that match)
+  pixel       RLVR-World's −(L1 + LPIPS), Eq. 6 (L1 only when no LPIPS backbone is at hand)
+The base row is the runs' shared "before" evaluation. Every row is averaged over the seeds (mean ± std)
+into OUT/compare.md (and .json); OUT/reward_curves.png plots each run's training reward per step.
+
+    python compare.py                                           # both minicraft configs, seeds 0,1,2
+    python compare.py configs/minicraft_ar.yaml --seeds=0 --rl.steps=4 --eval.clips=16   # a smoke run
+    python compare.py --jobs=2 --rl.steps=8                     # 2 runs at a time, 1 thread each
+
+Arguments ending in .yaml are configs; --seeds, --jobs, --out and --variants are this script's; any
+other --section.key=value goes to every train.py run. Finished runs (results.json with an "after"
+row) are reused, so an interrupted comparison resumes where it stopped.
+"""
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import config
+import evaluate
+
+VARIANTS = {                                                  # train.py flags of each reward variant
+    "rlir": ["--rl.reward=idm", "--rl.granularity=exact"],      # Eq. 3
+    "rlir_group": ["--rl.reward=idm", "--rl.granularity=group"],
+    "pixel": ["--rl.reward=pixel"],                             # Eq. 6
+}
+COLUMNS = {                                                   # results.json key -> table header
+    "judge_f1_macro": "judge F1", "judge_precision_macro": "judge P", "judge_recall_macro": "judge R",
+    "judge_camera_bin_error": "camera err", "psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS",
+    "fvd": "FVD", "brightness": "brightness",
+}
+CONFIGS = ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"]
+
+
+def parse(argv: list[str]) -> dict:
+    """Split argv into configs, this script's options and the overrides passed on to train.py."""
+    opts = {"configs": [], "seeds": "0,1,2", "jobs": "1", "out": "out/compare",
+            "variants": ",".join(VARIANTS), "train": []}
+    for a in argv:
+        key, _, value = a.removeprefix("--").partition("=")
+        if a.endswith(".yaml") and not a.startswith("--"):
+            opts["configs"].append(a)
+        elif a.startswith("--") and key in ("seeds", "jobs", "out", "variants"):
+            opts[key] = value
+        elif a.startswith("--") and "=" in a:
+            opts["train"].append(a)
+        else:
+            sys.exit(f"compare.py: cannot use {a!r}; see the usage at the top of {__file__}")
+    unknown = set(opts["variants"].split(",")) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    opts["configs"] = opts["configs"] or CONFIGS
+    opts["seeds"] = [int(s) for s in opts["seeds"].split(",")]
+    opts["variants"] = opts["variants"].split(",")
+    opts["jobs"] = int(opts["jobs"])
+    return opts
+
+
+def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
+    """One train.py run in OUT/<config>/<variant>/seed<k>/, its console output in train.txt."""
+    out = Path(opts["out"]) / Path(cfg).stem / variant / f"seed{seed}"
+    done = out / "results.json"
+    if done.exists() and "after" in json.loads(done.read_text()):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // opts["jobs"])   # share the cores between parallel runs
+    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), cfg, f"--run.threads={threads}",
+           *opts["train"], *VARIANTS[variant], f"--run.seed={seed}", f"--run.out={out}"]
+    with open(out / "train.txt", "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        sys.exit(f"{' '.join(cmd)} failed (exit {rc}); its output is in {out / 'train.txt'}")
+    return out
+
+
+def mean_std(values: list) -> str:
+    v = [x for x in values if x is not None]
+    if not v:
+        return "–"
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def table(cfg: str, runs: dict, opts: dict) -> tuple[str, dict]:
+    """Markdown rows gt, base and one per variant, each metric as mean ± std over the seeds."""
+    first = runs[opts["variants"][0]]
+    rows = {"gt": [json.loads((d / "results.json").read_text())["gt"] for d in first[:1]],
+            "base": [json.loads((d / "results.json").read_text())["before"] for d in first]}
+    for v in opts["variants"]:
+        rows[v] = [json.loads((d / "results.json").read_text())["after"] for d in runs[v]]
+    cols = [k for k in COLUMNS if any(r.get(k) is not None for rs in rows.values() for r in rs)]
+    lines = [f"| {Path(cfg).stem} | " + " | ".join(COLUMNS[k] for k in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for name, rs in rows.items():
+        lines.append(f"| {name} | " + " | ".join(mean_std([r.get(k) for r in rs]) for k in cols) + " |")
+    summary = {name: {k: [r.get(k) for r in rs] for k in cols} for name, rs in rows.items()}
+    return "\n".join(lines), summary
+
+
+def plot(runs_by_cfg: dict, opts: dict, path: Path) -> None:
+    """Training reward per step, a panel per (config, variant): thin lines the seeds, thick their mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    nr, nc = len(runs_by_cfg), len(opts["variants"])
+    fig, axes = plt.subplots(nr, nc, figsize=(4 * nc, 3 * nr), squeeze=False)
+    for i, (cfg, runs) in enumerate(runs_by_cfg.items()):
+        for j, v in enumerate(opts["variants"]):
+            ax, curves = axes[i][j], []
+            for d in runs[v]:
+                log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+                curves.append([row.get("reward_mean", np.nan) for row in log])
+                ax.plot(range(1, len(curves[-1]) + 1), curves[-1], lw=0.8, alpha=0.5)
+            n = min(map(len, curves))
+            ax.plot(range(1, n + 1), np.nanmean([c[:n] for c in curves], 0), lw=2.5, color="k", label="mean")
+            ax.set_title(f"{Path(cfg).stem} · {v}")
+            ax.set_xlabel("GRPO step")
+            ax.set_ylabel("reward (Eq. 6: −L1)" if v == "pixel" else "reward (Eq. 3)")
+            ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str]) -> None:
+    opts = parse(argv)
+    jobs = [(c, v, s) for c in opts["configs"] for s in opts["seeds"] for v in opts["variants"]]
+    with concurrent.futures.ThreadPoolExecutor(opts["jobs"]) as pool:   # threads only wait on subprocesses
+        dirs = list(tqdm(pool.map(lambda j: run_one(*j, opts), jobs), total=len(jobs), desc="runs"))
+    runs_by_cfg = {c: {v: [d for (c2, v2, _), d in zip(jobs, dirs) if (c2, v2) == (c, v)]
+                       for v in opts["variants"]} for c in opts["configs"]}
+    out = Path(opts["out"])
+    md, summary = [], {}
+    for c, runs in runs_by_cfg.items():
+        text, summary[Path(c).stem] = table(c, runs, opts)
+        md.append(text)
+    cfg, _ = config.parse(config.Config, [opts["configs"][0], *opts["train"]])
+    lpips_fn, why = evaluate.load_lpips(cfg.eval.lpips_backbone)   # what train.py's pixel reward used
+    note = (f"{len(opts['seeds'])} seeds ({','.join(map(str, opts['seeds']))}); train.py overrides: "
+            f"{' '.join(opts['train']) or 'none'}. Metrics on held-out clips (mean ± std over seeds). "
+            f"Pixel reward: {'L1 + LPIPS' if lpips_fn is not None else f'L1 only ({why})'}.")
+    (out / "compare.md").write_text(note + "\n\n" + "\n\n".join(md) + "\n")
+    (out / "compare.json").write_text(json.dumps(summary, indent=1))
+    plot(runs_by_cfg, opts, out / "reward_curves.png")
+    print(note + "\n\n" + "\n\n".join(md))
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'reward_curves.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
