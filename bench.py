@@ -2,14 +2,25 @@
 
     python bench.py                        # embedded configs on this machine (CPU: a few minutes)
     python bench.py --json > bench.json    # the same numbers as JSON
-    python bench.py --ar.hidden=1024 ...   # any Config override; paper scale wants a GPU
+    python bench.py configs/nfd_310m.yaml --run.device=cuda   # paper scale, random weights, one GPU
+    python bench.py configs/minicraft_ar.yaml --gradient-noise    # GRPO signal at the shipped base
 
 Every figure is measured in this run: rollout frames/s of both world models, the KV-cache speedup
 of autoregressive sampling over recomputing the whole prefix per token, one batched group of G
 rollouts over G sequential ones, the batched block-causal replay of the diffusion model over a loop
 over frames, the achieved FLOP/s of a GRPO update against this machine's measured matmul peak (MFU),
-and peak memory. Models are randomly initialised: speed does not depend on the weights.
+and peak memory (process RSS; on a GPU also the peak of allocated GPU memory). Models are randomly
+initialised (no init_from is read), so paper-scale configs run wherever a GPU is: speed does not
+depend on the weights. The device is run.device ("auto": CUDA when present); updates run in fp32,
+as train.py's do, and MFU is against a fp32 matmul measured on the same device.
+
+--gradient-noise measures instead how much signal one GRPO step carries at the config's shipped
+base model: the cosine between the policy gradients (Eq. 2 at ratio 1) of independent rollout
+batches of rl.prompts × rl.group_size, for one advantage per clip and one per frame (rl.credit).
+Near 0 means a step's gradient is mostly noise; a cosine c between two batches of n rollouts puts
+the gradient's signal-to-noise ratio per rollout at about c / (n (1 − c)).
 """
+import dataclasses
 import json
 import resource
 import sys
@@ -18,10 +29,19 @@ import time
 import torch
 
 import config
+import data
+import grpo
 import minicraft
 import model_ar
 import model_diffusion
+import train
 from config import Config
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a timer measures it (no-op on CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -29,15 +49,18 @@ def timed(fn, repeat: int = 1) -> float:
     fn()
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def matmul_peak(n: int = 1024) -> float:
-    """FLOP/s of a float32 n x n matmul on this machine, the denominator of MFU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(device: torch.device) -> float:
+    """FLOP/s of a float32 n x n matmul on `device` (n = 1024 on CPU, 8192 on GPU), the MFU denominator."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n ** 3 / timed(lambda: a @ b, repeat=5)
 
 
@@ -59,27 +82,70 @@ def nfd_per_frame_replay(model, ro, k: int) -> torch.Tensor:
     B, n = ro.traj.shape[:2]
     out = []
     for f in range(1, n + 1):
-        ctx = model_diffusion.context_kv(model, ro.latents[:, :f], torch.zeros(B, f), act[:, :f])
+        ctx = model_diffusion.context_kv(model, ro.latents[:, :f], ro.ts.new_zeros(B, f), act[:, :f])
         x = ro.traj[:, f - 1:f, k]                           # [B, 1, N, C]
-        v, _ = model(x, ro.ts[k].expand(B, 1), act[:, f:f + 1], torch.tensor([f]), ctx=ctx)
+        v, _ = model(x, ro.ts[k].expand(B, 1), act[:, f:f + 1], torch.tensor([f], device=x.device), ctx=ctx)
         out.append(v)
     return torch.cat(out, 1)                                 # [B, F-1, N, C]
 
 
+def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
+    """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
+    equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame"."""
+    device = train.pick_device(cfg.run)
+    model = train.build_world_model(cfg).to(device)
+    reward_idm = train.load_reward_idm(cfg, device)
+    prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    G, mb, grads = cfg.rl.group_size, cfg.rl.micro_batch, {"clip": [], "frame": []}
+    for b in seeds:
+        batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, train.action_offset(cfg)))
+        batch = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
+        gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
+        model.eval()
+        ro = train.rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
+        r = train.rewards(ro.frames, batch, cfg, reward_idm, None)          # [P*G, 15]
+        n = len(ro.mask)
+        with torch.no_grad():
+            old = torch.cat([train.log_probs(model, train.slice_rollout(ro, i, i + mb), cfg) for i in range(0, n, mb)])
+        model.train()
+        for credit in grads:
+            adv, _ = grpo.group_advantages(r.mean(1) if credit == "clip" else r, G, cfg.grpo)   # Eq. 1
+            adv = train.per_entry(adv, ro, cfg) if credit == "frame" else adv
+            model.zero_grad(set_to_none=True)
+            for i in range(0, n, mb):
+                part = train.slice_rollout(ro, i, i + mb)
+                loss, _ = grpo.policy_loss(train.log_probs(model, part, cfg), old[i:i + mb], adv[i:i + mb],
+                                           part.mask, cfg.grpo)                 # Eq. 2
+                (loss * len(part.mask) / n).backward()
+            grads[credit].append(torch.cat([p.grad.flatten() for p in params]))
+    res = {}
+    for credit, gs in grads.items():
+        cos = [float(torch.nn.functional.cosine_similarity(gs[i], gs[j], 0))
+               for i in range(len(gs)) for j in range(i + 1, len(gs))]
+        res.update({f"grad_cos_{credit}_mean": sum(cos) / len(cos), f"grad_cos_{credit}_max": max(cos)})
+    res["rollouts_per_batch"] = cfg.rl.prompts * G
+    return res
+
+
 def main(argv: list[str]) -> dict:
     as_json = "--json" in argv
-    cfg, _ = config.parse(Config, [a for a in argv if a != "--json"])
+    noise = "--gradient-noise" in argv
+    cfg, _ = config.parse(Config, [a for a in argv if a not in ("--json", "--gradient-noise")])
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if noise:
+        return report(gradient_cosines(cfg), as_json)
     torch.manual_seed(0)
-    res, G = {}, cfg.rl.group_size
+    device = train.pick_device(cfg.run)
+    res, G = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, cfg.rl.group_size
     res["minicraft_frames_per_s"] = minicraft.bench(128)
 
     # Autoregressive world model: rollout speed, KV cache vs recompute, batched group vs sequential.
-    ar = model_ar.WorldModel(cfg.ar, cfg.vq).eval()
-    x0 = torch.randint(0, 256, (G, *cfg.vq.frame_hw, 3), dtype=torch.uint8)
-    tokens = torch.full((G, cfg.ar.frames, 11), cfg.ar.n_codes + 66)      # <null_act> everywhere
-    gen = torch.Generator().manual_seed(0)
+    ar = model_ar.WorldModel(cfg.ar, cfg.vq).to(device).eval()
+    x0 = torch.randint(0, 256, (G, *cfg.vq.frame_hw, 3), dtype=torch.uint8, device=device)
+    tokens = torch.full((G, cfg.ar.frames, 11), cfg.ar.n_codes + 66, device=device)   # <null_act> everywhere
+    gen = torch.Generator(device=device).manual_seed(0)
     t_group = timed(lambda: model_ar.rollout(ar, x0, tokens, generator=gen))
     res["ar_rollout_frames_per_s"] = G * (cfg.ar.frames - 1) / t_group
     t_seq = timed(lambda: [model_ar.rollout(ar, x0[i:i + 1], tokens[i:i + 1], generator=gen)
@@ -87,14 +153,15 @@ def main(argv: list[str]) -> dict:
     res["ar_batched_group_speedup"] = t_seq / t_group
     short = min(4, cfg.ar.frames)                             # recompute is O(L^2): 4 frames
     small = model_ar.WorldModel(config.build(type(cfg.ar), {**vars(cfg.ar), "frames": short}),
-                                cfg.vq).eval()
+                                cfg.vq).to(device).eval()
     with torch.no_grad():
         t_cache = timed(lambda: model_ar.rollout(small, x0[:1], tokens[:1, :short], generator=gen))
         t_full = timed(lambda: ar_full_recompute(small, x0[:1], tokens[:1, :short], short))
     res["ar_kv_cache_speedup"] = t_full / t_cache
 
-    # GRPO update on the AR model: forward + backward of the replayed log-probs, FLOPs ~ 6 N L.
-    ro = model_ar.rollout(ar, x0, tokens, generator=gen)
+    # GRPO update on the AR model: forward + backward of the replayed log-probs of one micro-batch
+    # (rl.micro_batch rollouts, as train.py does), FLOPs ~ 6 N L.
+    ro = train.slice_rollout(model_ar.rollout(ar, x0, tokens, generator=gen), 0, cfg.rl.micro_batch)
     n_params = sum(p.numel() for p in ar.transformer.parameters())
 
     def update():
@@ -103,13 +170,13 @@ def main(argv: list[str]) -> dict:
 
     t_upd = timed(update)
     flops = 6 * n_params * ro.tokens.numel()
-    peak = matmul_peak()
+    peak = matmul_peak(device)
     res.update(grpo_update_tokens_per_s=ro.tokens.numel() / t_upd, grpo_update_flops=flops / t_upd,
                matmul_peak_flops=peak, grpo_update_mfu=flops / t_upd / peak)
 
     # Diffusion world model: rollout speed and batched block-causal replay vs a loop over frames.
-    nfd = model_diffusion.NFD(cfg.nfd, cfg.ae).eval()
-    nfd_tokens = torch.full((G, cfg.nfd.frames, 11), 8192 + 66)
+    nfd = model_diffusion.NFD(cfg.nfd, cfg.ae).to(device).eval()
+    nfd_tokens = torch.full((G, cfg.nfd.frames, 11), 8192 + 66, device=device)
     t_nfd = timed(lambda: model_diffusion.rollout(nfd, x0, nfd_tokens, cfg.sde, gen, G))
     res["nfd_rollout_frames_per_s"] = G * (cfg.nfd.frames - 1) / t_nfd
     ro = model_diffusion.rollout(nfd, x0, nfd_tokens, cfg.sde, gen, G)
@@ -117,14 +184,20 @@ def main(argv: list[str]) -> dict:
     act = model_diffusion.actions_multi_hot(ro.actions)
     with torch.no_grad():
         def batched():
-            ctx = model_diffusion.context_kv(nfd, ro.latents[:, :n], torch.zeros(G, n), act[:, :n])
+            ctx = model_diffusion.context_kv(nfd, ro.latents[:, :n], ro.ts.new_zeros(G, n), act[:, :n])
             return model_diffusion.noisy_velocity(nfd, ctx, ro.traj[:, :, 0], ro.ts[0].expand(G, n),
                                                   act[:, 1:])
         assert torch.allclose(batched(), nfd_per_frame_replay(nfd, ro, 0), atol=1e-4)
         res["nfd_batched_replay_speedup"] = (timed(lambda: nfd_per_frame_replay(nfd, ro, 0))
                                              / timed(batched))
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     res["threads"] = torch.get_num_threads()
+    return report(res, as_json)
+
+
+def report(res: dict, as_json: bool) -> dict:
     if as_json:
         print(json.dumps(res, indent=1))
     else:

@@ -13,7 +13,8 @@ into OUT/compare.md (and .json); OUT/reward_curves.png plots each run's training
 
 Arguments ending in .yaml are configs; --seeds, --jobs, --out and --variants are this script's; any
 other --section.key=value goes to every train.py run. Finished runs (results.json with an "after"
-row) are reused, so an interrupted comparison resumes where it stopped.
+row) are reused and unfinished ones resume from their checkpoint, so an interrupted comparison goes
+on where it stopped; a run folder made by a different command is an error, not silently reused.
 """
 import concurrent.futures
 import json
@@ -68,13 +69,17 @@ def parse(argv: list[str]) -> dict:
 def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
     """One train.py run in OUT/<config>/<variant>/seed<k>/, its console output in train.txt."""
     out = Path(opts["out"]) / Path(cfg).stem / variant / f"seed{seed}"
-    done = out / "results.json"
+    args = [cfg, *opts["train"], *VARIANTS[variant], f"--run.seed={seed}", f"--run.out={out}"]
+    done, recorded = out / "results.json", out / "command.txt"
+    if recorded.exists() and recorded.read_text() != " ".join(args):
+        sys.exit(f"{out} holds a run of `train.py {recorded.read_text()}`, not of `train.py {' '.join(args)}`; "
+                 f"delete it or pass another --out")
     if done.exists() and "after" in json.loads(done.read_text()):
         return out
     out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(" ".join(args))
     threads = max(1, (os.cpu_count() or 1) // opts["jobs"])   # share the cores between parallel runs
-    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), cfg, f"--run.threads={threads}",
-           *opts["train"], *VARIANTS[variant], f"--run.seed={seed}", f"--run.out={out}"]
+    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), f"--run.threads={threads}", *args]
     with open(out / "train.txt", "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:

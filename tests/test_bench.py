@@ -1,5 +1,8 @@
 """bench.py runs end to end on tiny models and reports every figure the README quotes."""
+import pytest
+
 import bench
+from test_train import assets, tiny_cfg  # noqa: F401  (the module-scoped tiny models)
 
 TINY = ["--run.threads=1", "--rl.group_size=2", "--ar.hidden=32", "--ar.intermediate=64",
         "--ar.heads=2", "--ar.kv_heads=1", "--ar.layers=1", "--ar.frames=3", "--vq.channels=8",
@@ -14,3 +17,13 @@ def test_bench_reports_every_figure(capsys):
         assert res[key] > 0, key
     assert 0 < res["grpo_update_mfu"] < 1
     assert "| ar_kv_cache_speedup |" in capsys.readouterr().out
+
+
+def test_gradient_noise_is_one_for_equal_batches_and_lower_for_independent_ones(assets):  # noqa: F811
+    """bench.py --gradient-noise: the same seed twice is the same batch (cosine 1); other seeds are not."""
+    cfg = tiny_cfg(assets, extra=["--rl.reward=pixel"])       # every group has a reward spread
+    same = bench.gradient_cosines(cfg, seeds=(0, 0))
+    assert same["grad_cos_clip_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert same["grad_cos_frame_mean"] == pytest.approx(1.0, abs=1e-5)
+    other = bench.gradient_cosines(cfg, seeds=(0, 1))
+    assert -1 <= other["grad_cos_clip_mean"] < 0.99 and -1 <= other["grad_cos_frame_mean"] < 0.99

@@ -177,3 +177,34 @@ def test_all_masked_row_and_all_masked_batch_give_no_nan():
         logp.grad = None
     loss, stats = policy_loss(logp, torch.zeros(2, 2), torch.ones(2), torch.zeros(2, 2), GRPOConfig())
     assert loss.item() == 0.0 and stats["clip_frac"] == 0.0 and stats["n_tokens"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Per-frame credit (train.py rl.credit "frame"): rewards [N, T], advantages [N, L]
+
+
+def test_per_frame_rewards_are_normalised_frame_by_frame():
+    # Two groups of G = 2, three frames. Group 1: frame 0 splits (±1), frames 1 and 2 tie (0).
+    # Group 2: frames 0 and 1 split, frame 2 ties. 3 of the 6 (group, frame) pairs have zero std.
+    r = torch.tensor([[1.0, 0.0, 0.5], [0.0, 0.0, 0.5], [1.0, 1.0, 0.5], [0.0, 0.0, 0.5]])
+    adv, stats = group_advantages(r, 2, GRPOConfig(adv_eps=0.0))
+    expected = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
+    assert stats["zero_std_groups"] == 3 and stats["zero_std_frac"] == 0.5
+    assert stats["reward_mean"] == pytest.approx(r.mean().item())
+    for t in range(3):                                  # each frame is a 1-D problem of its own
+        torch.testing.assert_close(adv[:, t], group_advantages(r[:, t], 2, GRPOConfig(adv_eps=0.0))[0])
+
+
+def test_per_entry_advantages():
+    # One sequence, two entries with advantages 2 and −1 at ratio 1: loss = −(2 − 1)/2 and each
+    # entry's gradient is −Â_t / |o|. A constant [N, L] advantage is the same as the [N] one.
+    loss, _, grad = _loss([[0.0, 0.0]], [[2.0, -1.0]])
+    assert loss.item() == pytest.approx(-0.5)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, 0.5]]))
+    per_seq = _loss([[0.1, -0.4], [0.3, 0.0]], [1.5, -2.0])
+    per_entry = _loss([[0.1, -0.4], [0.3, 0.0]], [[1.5, 1.5], [-2.0, -2.0]])
+    assert per_seq[0].item() == per_entry[0].item()
+    torch.testing.assert_close(per_seq[2], per_entry[2], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\[N, L\]"):
+        _loss([[0.0, 0.0]], [[1.0, 1.0, 1.0]])

@@ -119,3 +119,29 @@ def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
     assert name == "minicraft_nfd" and cfg.run.world_model == "nfd"
     model = train.build_world_model(cfg)                      # the shipped AE and NFD base load strictly
     assert model.cfg.hidden == cfg.nfd.hidden
+
+
+def test_frame_credit_gives_each_frame_its_own_advantage(assets, tmp_path):
+    """rl.credit=frame: frame f's generated entries carry advantage column f-1, for both layouts."""
+    cfg = tiny_cfg(assets)
+    model = train.build_world_model(cfg)
+    clips = data.load_clips(cfg.data)[0]
+    batch = data.collate(clips[:2], 16)
+    ro = train.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    adv = torch.arange(1.0, 16.0).repeat(2, 1)                # [2, 15]: frame f has advantage f
+    entries = train.per_entry(adv, ro, cfg)                   # [2, L]
+    frame_of = torch.arange(ro.mask.shape[1]) // cfg.ar.frame_len           # AR: a block per frame
+    gen = ro.mask[0] > 0
+    assert torch.equal(entries[:, gen], frame_of[gen].float().expand(2, -1))
+    assert set(frame_of[gen].tolist()) == set(range(1, 16))   # every generated frame is credited
+    nfd = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, world_model="nfd"))
+    k = 4                                                      # NFD: K transitions per frame
+    fake = dataclasses.make_dataclass("R", ["mask", "g"])(torch.ones(2, 15 * k), torch.zeros(k))
+    assert torch.equal(train.per_entry(adv, fake, nfd).view(2, 15, k), adv[:, :, None].expand(2, 15, k))
+    # End to end: one frame-credit step trains, and logs the clip-level reward mean.
+    out = tmp_path / "frame"
+    train.main([*tiny_args(assets, out, steps=1), "--rl.reward=pixel", "--rl.credit=frame"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["grad_norm"] > 0 and log[0]["reward_mean"] < 0
+    with pytest.raises(SystemExit, match="rl.credit"):
+        train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
