@@ -113,6 +113,7 @@ def table(cfg: str, runs: dict, opts: dict) -> tuple[str, dict]:
 def plot(runs_by_cfg: dict, opts: dict, path: Path) -> None:
     """Training reward per step, a panel per (config, variant): thin lines the seeds, thick their mean."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     nr, nc = len(runs_by_cfg), len(opts["variants"])
@@ -128,7 +129,8 @@ def plot(runs_by_cfg: dict, opts: dict, path: Path) -> None:
             ax.plot(range(1, n + 1), np.nanmean([c[:n] for c in curves], 0), lw=2.5, color="k", label="mean")
             ax.set_title(f"{Path(cfg).stem} · {v}")
             ax.set_xlabel("GRPO step")
-            ax.set_ylabel("reward (Eq. 6: −L1)" if v == "pixel" else "reward (Eq. 3)")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_ylabel("reward (Eq. 6, pixel)" if v == "pixel" else "reward (Eq. 3, IDM)")
             ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
