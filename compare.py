@@ -102,7 +102,8 @@ def table(cfg: str, runs: dict, opts: dict) -> tuple[str, dict]:
     for v in opts["variants"]:
         rows[v] = [json.loads((d / "results.json").read_text())["after"] for d in runs[v]]
     cols = [k for k in COLUMNS if any(r.get(k) is not None for rs in rows.values() for r in rs)]
-    lines = [f"| {Path(cfg).stem} | " + " | ".join(COLUMNS[k] for k in cols) + " |",
+    names = {**COLUMNS, "fvd": rows["base"][0].get("fvd_features") or "FVD"}   # fvd_idm on minicraft
+    lines = [f"| {Path(cfg).stem} | " + " | ".join(names[k] for k in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for name, rs in rows.items():
         lines.append(f"| {name} | " + " | ".join(mean_std([r.get(k) for r in rs]) for k in cols) + " |")
