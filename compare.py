@@ -9,10 +9,11 @@ into OUT/compare.md (and .json); OUT/reward_curves.png plots each run's training
 
     python compare.py                                           # both minicraft configs, seeds 0,1,2
     python compare.py configs/minicraft_ar.yaml --seeds=0 --rl.steps=4 --eval.clips=16   # a smoke run
-    python compare.py --jobs=2 --rl.steps=8                     # 2 runs at a time, 1 thread each
+    python compare.py --jobs=2 --rl.steps=6 --minicraft_nfd.rl.steps=4   # 2 runs at a time; NFD: 4 steps
 
 Arguments ending in .yaml are configs; --seeds, --jobs, --out and --variants are this script's; any
-other --section.key=value goes to every train.py run. Finished runs (results.json with an "after"
+other --section.key=value goes to every train.py run, and --<config name>.section.key=value to the
+runs of that config only. Finished runs (results.json with an "after"
 row) are reused and unfinished ones resume from their checkpoint, so an interrupted comparison goes
 on where it stopped; a run folder made by a different command is an error, not silently reused.
 """
@@ -45,7 +46,7 @@ CONFIGS = ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"]
 def parse(argv: list[str]) -> dict:
     """Split argv into configs, this script's options and the overrides passed on to train.py."""
     opts = {"configs": [], "seeds": "0,1,2", "jobs": "1", "out": "out/compare",
-            "variants": ",".join(VARIANTS), "train": []}
+            "variants": ",".join(VARIANTS), "train": [], "only": {}}
     for a in argv:
         key, _, value = a.removeprefix("--").partition("=")
         if a.endswith(".yaml") and not a.startswith("--"):
@@ -60,6 +61,12 @@ def parse(argv: list[str]) -> dict:
     if unknown:
         sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     opts["configs"] = opts["configs"] or CONFIGS
+    stems = {Path(c).stem for c in opts["configs"]}
+    for a in list(opts["train"]):                             # --<config name>.x.y=v: that config only
+        stem, _, rest = a[2:].partition(".")
+        if stem in stems:
+            opts["train"].remove(a)
+            opts["only"].setdefault(stem, []).append("--" + rest)
     opts["seeds"] = [int(s) for s in opts["seeds"].split(",")]
     opts["variants"] = opts["variants"].split(",")
     opts["jobs"] = int(opts["jobs"])
@@ -69,7 +76,8 @@ def parse(argv: list[str]) -> dict:
 def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
     """One train.py run in OUT/<config>/<variant>/seed<k>/, its console output in train.txt."""
     out = Path(opts["out"]) / Path(cfg).stem / variant / f"seed{seed}"
-    args = [cfg, *opts["train"], *VARIANTS[variant], f"--run.seed={seed}", f"--run.out={out}"]
+    args = [cfg, *opts["train"], *opts["only"].get(Path(cfg).stem, []), *VARIANTS[variant],
+            f"--run.seed={seed}", f"--run.out={out}"]
     done, recorded = out / "results.json", out / "command.txt"
     if recorded.exists() and recorded.read_text() != " ".join(args):
         sys.exit(f"{out} holds a run of `train.py {recorded.read_text()}`, not of `train.py {' '.join(args)}`; "
@@ -151,8 +159,9 @@ def main(argv: list[str]) -> None:
         md.append(text)
     cfg, _ = config.parse(config.Config, [opts["configs"][0], *opts["train"]])
     lpips_fn, why = evaluate.load_lpips(cfg.eval.lpips_backbone)   # what train.py's pixel reward used
+    only = "".join(f"; {stem} only: {' '.join(o)}" for stem, o in opts["only"].items())
     note = (f"{len(opts['seeds'])} seeds ({','.join(map(str, opts['seeds']))}); train.py overrides: "
-            f"{' '.join(opts['train']) or 'none'}. Metrics on held-out clips (mean ± std over seeds). "
+            f"{' '.join(opts['train']) or 'none'}{only}. Metrics on held-out clips (mean ± std over seeds). "
             f"Pixel reward: {'L1 + LPIPS' if lpips_fn is not None else f'L1 only ({why})'}.")
     (out / "compare.md").write_text(note + "\n\n" + "\n\n".join(md) + "\n")
     (out / "compare.json").write_text(json.dumps(summary, indent=1))

@@ -13,7 +13,9 @@ from test_train import assets, tiny_cfg  # noqa: F401  (the module-scoped tiny m
 def test_arguments_split_into_configs_options_and_train_overrides():
     opts = compare.parse(["a.yaml", "--seeds=3,4", "--jobs=2", "--rl.steps=5", "b.yaml", "--variants=pixel"])
     assert opts["configs"] == ["a.yaml", "b.yaml"] and opts["seeds"] == [3, 4] and opts["jobs"] == 2
-    assert opts["train"] == ["--rl.steps=5"] and opts["variants"] == ["pixel"]
+    assert opts["train"] == ["--rl.steps=5"] and opts["variants"] == ["pixel"] and opts["only"] == {}
+    opts = compare.parse(["a.yaml", "b.yaml", "--rl.steps=5", "--b.rl.steps=2", "--b.eval.clips=8"])
+    assert opts["train"] == ["--rl.steps=5"] and opts["only"] == {"b": ["--rl.steps=2", "--eval.clips=8"]}
     assert compare.parse([])["configs"] == compare.CONFIGS and compare.parse([])["seeds"] == [0, 1, 2]
     with pytest.raises(SystemExit, match="unknown"):
         compare.parse(["--variants=rlir,l2"])
@@ -25,10 +27,11 @@ def test_tiny_comparison_writes_table_curves_and_resumes(assets, tmp_path):  # n
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(config.dump(tiny_cfg(assets)))
     argv = [str(cfg_file), "--seeds=0,1", "--variants=pixel", "--jobs=2", f"--out={tmp_path / 'cmp'}",
-            "--rl.steps=1"]
+            "--rl.steps=3", "--tiny.rl.steps=1"]                # the config's own override wins
     compare.main(argv)
     runs = tmp_path / "cmp" / "tiny"
     results = {s: json.loads((runs / "pixel" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert len((runs / "pixel" / "seed0" / "log.jsonl").read_text().splitlines()) == 1
     summary = json.loads((tmp_path / "cmp" / "compare.json").read_text())["tiny"]
     # base = the "before" rows of the first variant's seeds; a variant's row = its "after" rows.
     assert summary["base"]["judge_f1_macro"] == [results[s]["before"]["judge_f1_macro"] for s in (0, 1)]
@@ -46,4 +49,4 @@ def test_tiny_comparison_writes_table_curves_and_resumes(assets, tmp_path):  # n
     compare.main(argv)                                        # finished runs are reused, not rerun
     assert (runs / "pixel" / "seed0" / "results.json").stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="holds a run of"):   # other settings never reuse these runs
-        compare.main([*argv[:-1], "--rl.steps=3"])
+        compare.main([*argv[:-1], "--tiny.rl.steps=2"])
