@@ -105,9 +105,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
         model.eval()
         ro = train.rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
         r = train.rewards(ro.frames, batch, cfg, reward_idm, None)          # [P*G, 15]
-        n = len(ro.mask)
-        with torch.no_grad():
-            old = torch.cat([train.log_probs(model, train.slice_rollout(ro, i, i + mb), cfg) for i in range(0, n, mb)])
+        n, old = len(ro.mask), train.replay_log_probs(model, ro, cfg)       # π_old, [P*G, L]
         model.train()
         for credit in grads:
             adv, _ = grpo.group_advantages(r.mean(1) if credit == "clip" else r, G, cfg.grpo)   # Eq. 1

@@ -95,6 +95,14 @@ def log_probs(model, ro, cfg: Config) -> torch.Tensor:
     return model_diffusion.log_probs(model, ro, cfg.sde)
 
 
+@torch.no_grad()
+def replay_log_probs(model, ro, cfg: Config) -> torch.Tensor:
+    """log_probs of the whole rollout without gradient, rl.micro_batch rows per forward, [B, L]: π_old
+    (the same forward as the update, so the first ratio is exactly 1) and the reference policy."""
+    mb = cfg.rl.micro_batch
+    return torch.cat([log_probs(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)])
+
+
 def per_entry(adv: torch.Tensor, ro, cfg: Config) -> torch.Tensor:
     """Per-frame advantages [B, F-1] (frames 1..F-1) -> one per log-prob entry [B, L] (rl.credit "frame").
     AR: entry j belongs to frame j // frame_len (its image tokens, then the next action's; frame 0 is the
@@ -378,11 +386,8 @@ def main(argv: list[str]) -> None:
         r = rewards(ro.frames, batch, cfg, reward_idm, lpips_fn)   # [P/world*G, 15] per frame
         r = gather_rewards(r.mean(1) if rl.credit == "clip" else r, world, G)  # [P*G] Eq. 3/6, or [P*G, 15]
         n, mb = len(ro.mask), rl.micro_batch
-        with torch.no_grad():                                  # π_old: the same forward as below,
-            old = torch.cat([log_probs(model, slice_rollout(ro, i, i + mb), cfg)   # so the first
-                             for i in range(0, n, mb)])        # ratio is exactly 1
-            ref_lp = (torch.cat([log_probs(ref, slice_rollout(ro, i, i + mb), cfg)
-                                 for i in range(0, n, mb)]) if ref is not None else None)
+        old = replay_log_probs(model, ro, cfg)                 # π_old, [n, L]
+        ref_lp = replay_log_probs(ref, ro, cfg) if ref is not None else None
         row, adv = {"step": step + 1}, None
         if torch.isfinite(r).all():                            # r is global: every rank agrees
             adv_all, st = grpo.group_advantages(r.float(), G, cfg.grpo)      # Eq. 1, [P*G(, 15)]
