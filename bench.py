@@ -91,13 +91,15 @@ def nfd_per_frame_replay(model, ro, k: int) -> torch.Tensor:
 
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
-    equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame"."""
+    equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame";
+    and how much the clip reward varies within a group (what GRPO learns from) and between groups."""
     device = train.pick_device(cfg.run)
     model = train.build_world_model(cfg).to(device)
     reward_idm = train.load_reward_idm(cfg, device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
     params = [p for p in model.parameters() if p.requires_grad]
     G, mb, grads = cfg.rl.group_size, cfg.rl.micro_batch, {"clip": [], "frame": []}
+    within, between = [], []
     for b in seeds:
         batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, train.action_offset(cfg)))
         batch = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
@@ -106,6 +108,9 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
         ro = train.rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
         r = train.rewards(ro.frames, batch, cfg, reward_idm, None)          # [P*G, 15]
         n, old = len(ro.mask), train.replay_log_probs(model, ro, cfg)       # π_old, [P*G, L]
+        groups = r.mean(1).view(-1, G)                                      # [P, G] clip rewards
+        within.append(float(groups.std(1).mean()))
+        between.append(float(groups.mean(1).std()) if len(groups) > 1 else float("nan"))
         model.train()
         for credit in grads:
             adv, _ = grpo.group_advantages(r.mean(1) if credit == "clip" else r, G, cfg.grpo)   # Eq. 1
@@ -122,6 +127,8 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
         cos = [float(torch.nn.functional.cosine_similarity(gs[i], gs[j], 0))
                for i in range(len(gs)) for j in range(i + 1, len(gs))]
         res.update({f"grad_cos_{credit}_mean": sum(cos) / len(cos), f"grad_cos_{credit}_max": max(cos)})
+    res["reward_std_within_group"] = sum(within) / len(within)
+    res["reward_std_between_groups"] = sum(between) / len(between)
     res["rollouts_per_batch"] = cfg.rl.prompts * G
     return res
 

@@ -204,6 +204,7 @@ class PretrainConfig:
     eval_every: int = 200       # steps between held-out evaluations
     eval_clips: int = 128       # held-out clips for those evaluations (minicraft seed eval_seed)
     eval_seed: int = 1000       # minicraft seed of the held-out clips (never trained on)
+    label_noise: float = 0.0    # ar/nfd: fraction of clips trained on another clip's actions (README)
 
 
 @dataclasses.dataclass

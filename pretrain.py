@@ -85,6 +85,17 @@ def half(module: torch.nn.Module) -> dict:
             for k, v in module.state_dict().items()}
 
 
+def noisy_labels(tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Label noise: a fraction p of the batch's clips get the actions of another clip of the batch
+    (the selected rows swap their actions in a cycle), like gameplay logs whose labels the video does
+    not show. MLE on such data learns to follow the given actions only part of the time, which is
+    how the shipped NFD base model was made (README, "The shipped base world models")."""
+    swap = (torch.rand(len(tokens), generator=gen) < p).nonzero().flatten()   # [S] rows to relabel
+    tokens = tokens.clone()                                   # [B, T, 11] action tokens
+    tokens[swap] = tokens[swap.roll(1)]
+    return tokens
+
+
 def average_gradients(params: list, world: int) -> None:
     """Data parallelism by hand (DDP's all-reduce without its hooks, so any loss function works):
     one flat all-reduce of every gradient, divided by the number of ranks."""
@@ -228,10 +239,13 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
                            offset=cfg.ar.n_codes)
 
+    noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
+
     def loss_fn(step):                                        # next-token cross-entropy on image
         batch = next(batches)                                 # tokens; actions are given, not learned
+        tokens = noisy_labels(batch["tokens"], cfg.pretrain.label_noise, noise)
         model.train()
-        return model_ar.lm_loss(model, batch["frames"].to(device), batch["tokens"].to(device))
+        return model_ar.lm_loss(model, batch["frames"].to(device), tokens.to(device))
 
     @torch.no_grad()
     def evaluate():
@@ -285,10 +299,13 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
     gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + rank_world()[0])
 
+    noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
+
     def loss_fn(step):                                        # flow matching, an independent noise
         batch = next(batches)                                 # level per frame (diffusion forcing)
+        tokens = noisy_labels(batch["tokens"], cfg.pretrain.label_noise, noise)
         model.train()
-        return model_diffusion.fm_loss(model, batch["frames"].to(device), batch["tokens"].to(device), gen)
+        return model_diffusion.fm_loss(model, batch["frames"].to(device), tokens.to(device), gen)
 
     @torch.no_grad()
     def evaluate():

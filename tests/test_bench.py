@@ -25,5 +25,6 @@ def test_gradient_noise_is_one_for_equal_batches_and_lower_for_independent_ones(
     same = bench.gradient_cosines(cfg, seeds=(0, 0))
     assert same["grad_cos_clip_mean"] == pytest.approx(1.0, abs=1e-5)
     assert same["grad_cos_frame_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert same["reward_std_within_group"] > 0                # the pixel reward differs in every group
     other = bench.gradient_cosines(cfg, seeds=(0, 1))
     assert -1 <= other["grad_cos_clip_mean"] < 0.99 and -1 <= other["grad_cos_frame_mean"] < 0.99

@@ -69,6 +69,17 @@ def test_nfd_stages(tmp_path):
         pretrain.main(["nfd", *TINY])
 
 
+def test_noisy_labels_swap_whole_clips_at_the_given_rate():
+    tokens = torch.arange(1000).view(1000, 1, 1).expand(1000, 15, 11)   # clip i's actions are all i
+    assert torch.equal(pretrain.noisy_labels(tokens, 0.0, torch.Generator().manual_seed(0)), tokens)
+    noisy = pretrain.noisy_labels(tokens, 0.3, torch.Generator().manual_seed(0))
+    moved = (noisy[:, 0, 0] != torch.arange(1000))            # clips that now carry another clip's actions
+    assert 0.26 < moved.float().mean() < 0.34                 # p = 0.3 of 1,000 clips, within 3 sigma
+    assert torch.equal(noisy[:, :1, :1].expand(-1, 15, 11), noisy)   # whole clips, never mixed
+    assert torch.equal(noisy[:, 0, 0].sort().values, torch.arange(1000))   # a permutation: labels kept
+    assert torch.equal(tokens[:, 0, 0], torch.arange(1000))   # the batch itself is not modified
+
+
 def test_torchrun_two_ranks_average_gradients_like_one_process(tmp_path):
     """Data parallelism by hand: 2 gloo ranks holding one clip each end with the weights that 1 process
     trains on both clips (the mean of per-rank mean losses is the global mean: equal shares), and not
