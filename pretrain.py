@@ -88,8 +88,8 @@ def half(module: torch.nn.Module) -> dict:
 def noisy_labels(tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """Label noise: a fraction p of the batch's clips get the actions of another clip of the batch
     (the selected rows swap their actions in a cycle), like gameplay logs whose labels the video does
-    not show. MLE on such data learns to follow the given actions only part of the time, which is
-    how the shipped NFD base model was made (README, "The shipped base world models")."""
+    not show: a way to make a base model that follows the given actions less well (README, "What
+    limits the gain", on why that did not make RLIR's job easier)."""
     swap = (torch.rand(len(tokens), generator=gen) < p).nonzero().flatten()   # [S] rows to relabel
     tokens = tokens.clone()                                   # [B, T, 11] action tokens
     tokens[swap] = tokens[swap.roll(1)]
