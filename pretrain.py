@@ -96,6 +96,14 @@ def noisy_labels(tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.
     return tokens
 
 
+def with_label_noise(batches, cfg: Config):
+    """The world-model stages' batch stream with pretrain.label_noise applied (its own generator, so
+    the batches and the model's noise are those of a clean run)."""
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
+    for batch in batches:
+        yield {**batch, "tokens": noisy_labels(batch["tokens"], cfg.pretrain.label_noise, gen)}
+
+
 def average_gradients(params: list, world: int) -> None:
     """Data parallelism by hand (DDP's all-reduce without its hooks, so any loss function works):
     one flat all-reduce of every gradient, divided by the number of ranks."""
@@ -236,16 +244,13 @@ def train_ar(cfg: Config, device: torch.device) -> None:
     if cfg.pretrain.init_from:
         model_ar.load_checkpoint(model, cfg.pretrain.init_from)
     model.to(device)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
-                           offset=cfg.ar.n_codes)
-
-    noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
+    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
+                                            offset=cfg.ar.n_codes), cfg)
 
     def loss_fn(step):                                        # next-token cross-entropy on image
         batch = next(batches)                                 # tokens; actions are given, not learned
-        tokens = noisy_labels(batch["tokens"], cfg.pretrain.label_noise, noise)
         model.train()
-        return model_ar.lm_loss(model, batch["frames"].to(device), tokens.to(device))
+        return model_ar.lm_loss(model, batch["frames"].to(device), batch["tokens"].to(device))
 
     @torch.no_grad()
     def evaluate():
@@ -296,16 +301,13 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
     if cfg.pretrain.init_from:
         model_diffusion.load_weights(model, cfg.pretrain.init_from)
     model.to(device)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
+    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world()), cfg)
     gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + rank_world()[0])
-
-    noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
 
     def loss_fn(step):                                        # flow matching, an independent noise
         batch = next(batches)                                 # level per frame (diffusion forcing)
-        tokens = noisy_labels(batch["tokens"], cfg.pretrain.label_noise, noise)
         model.train()
-        return model_diffusion.fm_loss(model, batch["frames"].to(device), tokens.to(device), gen)
+        return model_diffusion.fm_loss(model, batch["frames"].to(device), batch["tokens"].to(device), gen)
 
     @torch.no_grad()
     def evaluate():
