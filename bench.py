@@ -17,8 +17,8 @@ as train.py's do, and MFU is against a fp32 matmul measured on the same device.
 --gradient-noise measures instead how much signal one GRPO step carries at the config's shipped
 base model: the cosine between the policy gradients (Eq. 2 at ratio 1) of independent rollout
 batches of rl.prompts × rl.group_size, for one advantage per clip and one per frame (rl.credit).
-Near 0 means a step's gradient is mostly noise; a cosine c between two batches of n rollouts puts
-the gradient's signal-to-noise ratio per rollout at about c / (n (1 − c)).
+Near 0 means a step's gradient is mostly noise. noise_scale_* is the gradient noise scale (McCandlish
+et al. 2018): the rollouts per step at which one step's signal equals its noise.
 """
 import dataclasses
 import json
@@ -89,6 +89,17 @@ def nfd_per_frame_replay(model, ro, k: int) -> torch.Tensor:
     return torch.cat(out, 1)                                 # [B, F-1, N, C]
 
 
+def noise_scale(grads: list[torch.Tensor], n: int) -> float:
+    """Gradient noise scale tr(Σ) / |E g|² (McCandlish et al. 2018, App. A) from gradients of
+    independent batches of n samples each: the batch size at which one step's noise equals its
+    signal. g_i · g_j (i ≠ j) estimates |E g|² without bias, and |g_i|² − |E g|² estimates tr(Σ) / n.
+    inf when the estimated signal is not positive (none measured)."""
+    k = len(grads)
+    signal = sum(float(grads[i] @ grads[j]) for i in range(k) for j in range(i + 1, k)) / (k * (k - 1) / 2)
+    noise = n * (sum(float(g @ g) for g in grads) / k - signal)
+    return noise / signal if signal > 0 else float("inf")
+
+
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
     equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame";
@@ -98,7 +109,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     reward_idm = train.load_reward_idm(cfg, device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
     params = [p for p in model.parameters() if p.requires_grad]
-    G, mb, grads = cfg.rl.group_size, cfg.rl.micro_batch, {"clip": [], "frame": []}
+    G, grads = cfg.rl.group_size, {"clip": [], "frame": []}
     within, between = [], []
     for b in seeds:
         batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, train.action_offset(cfg)))
@@ -107,7 +118,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
         model.eval()
         ro = train.rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
         r = train.rewards(ro.frames, batch, cfg, reward_idm, None)          # [P*G, 15]
-        n, old = len(ro.mask), train.replay_log_probs(model, ro, cfg)       # π_old, [P*G, L]
+        old = train.replay_log_probs(model, ro, cfg)                        # π_old, [P*G, L]
         groups = r.mean(1).view(-1, G)                                      # [P, G] clip rewards
         within.append(float(groups.std(1).mean()))
         between.append(float(groups.mean(1).std()) if len(groups) > 1 else float("nan"))
@@ -116,20 +127,17 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
             adv, _ = grpo.group_advantages(r.mean(1) if credit == "clip" else r, G, cfg.grpo)   # Eq. 1
             adv = train.per_entry(adv, ro, cfg) if credit == "frame" else adv
             model.zero_grad(set_to_none=True)
-            for i in range(0, n, mb):
-                part = train.slice_rollout(ro, i, i + mb)
-                loss, _ = grpo.policy_loss(train.log_probs(model, part, cfg), old[i:i + mb], adv[i:i + mb],
-                                           part.mask, cfg.grpo)                 # Eq. 2
-                (loss * len(part.mask) / n).backward()
+            train.accumulate_gradients(model, ro, old, adv, None, cfg, float(ro.mask.sum()))   # Eq. 2
             grads[credit].append(torch.cat([p.grad.flatten() for p in params]))
-    res = {}
+    res, n = {}, cfg.rl.prompts * G
     for credit, gs in grads.items():
         cos = [float(torch.nn.functional.cosine_similarity(gs[i], gs[j], 0))
                for i in range(len(gs)) for j in range(i + 1, len(gs))]
-        res.update({f"grad_cos_{credit}_mean": sum(cos) / len(cos), f"grad_cos_{credit}_max": max(cos)})
+        res.update({f"grad_cos_{credit}_mean": sum(cos) / len(cos), f"grad_cos_{credit}_max": max(cos),
+                    f"noise_scale_{credit}": noise_scale(gs, n)})
     res["reward_std_within_group"] = sum(within) / len(within)
     res["reward_std_between_groups"] = sum(between) / len(between)
-    res["rollouts_per_batch"] = cfg.rl.prompts * G
+    res["rollouts_per_batch"] = n
     return res
 
 

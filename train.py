@@ -285,11 +285,35 @@ def trim_log(path: Path, step: int) -> None:
     path.write_text("".join(rows))
 
 
+def accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg: Config, total: float) -> tuple[list, list]:
+    """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so
+    the gradients add up to the whole batch's (`total`: the tokens per rank, for "token"
+    aggregation). Under DDP the gradients are all-reduced once, with the last micro-batch. Returns
+    the micro-batches' losses and (weight, health statistics) pairs."""
+    n, mb = len(ro.mask), cfg.rl.micro_batch
+    ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+    losses, stats = [], []
+    for i in range(0, n, mb):
+        part = slice_rollout(ro, i, i + mb)
+        sync = not ddp or i + mb >= n                          # all-reduce gradients once, at the end
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            lp = log_probs(train_model, part, cfg)
+            loss, st = grpo.policy_loss(lp, old[i:i + mb], adv[i:i + mb], part.mask, cfg.grpo,
+                                        None if ref_lp is None else ref_lp[i:i + mb])   # Eq. 2
+            weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
+            (loss * weight).backward()                         # a NaN reaches every rank's gradient
+        losses.append(loss.detach())
+        stats.append((float(weight), st))
+    return losses, stats
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the paper's protocol on held-out clips (evaluate.py), reward and judge IDMs.
 # ---------------------------------------------------------------------------------------------
-def run_eval(model, clips, cfg: Config, name: str, device, videos: list | None = None) -> dict:
-    """One row of evaluate.py's table; `videos` (a list) receives the first eval.videos clips."""
+def run_eval(model, clips, cfg: Config, name: str, device, videos: list | None = None,
+             scorers: evaluate.Scorers | None = None) -> dict:
+    """One row of evaluate.py's table; `videos` (a list) receives the first eval.videos clips;
+    `scorers` (evaluate.load_scorers) are loaded here when not given."""
     model.eval()
     offset = action_offset(cfg)
 
@@ -297,7 +321,7 @@ def run_eval(model, clips, cfg: Config, name: str, device, videos: list | None =
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed)   # same noise every eval
         return sample(model, x0.to(device), batch["tokens"].to(device) - 8192 + offset, cfg, gen)
 
-    return evaluate.evaluate(generate, clips, cfg.eval, name, videos_out=videos)
+    return evaluate.evaluate(generate, clips, cfg.eval, name, scorers, videos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +376,7 @@ def main(argv: list[str]) -> None:
     ref = build_world_model(cfg).to(device).eval() if cfg.grpo.beta > 0 else None
     reward_idm = load_reward_idm(cfg, device) if rl.reward == "idm" else None
     lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0] if rl.reward == "pixel" else None
+    scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
     train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
@@ -368,9 +393,9 @@ def main(argv: list[str]) -> None:
 
     results = {}
     if rank == 0 and start == 0:
-        results["gt"] = evaluate.evaluate_gt(held, cfg.eval)
+        results["gt"] = evaluate.evaluate_gt(held, cfg.eval, scorers)
         videos = []                                            # kept for the side-by-side video
-        results["before"] = run_eval(model, held, cfg, "before", device, videos)
+        results["before"] = run_eval(model, held, cfg, "before", device, videos, scorers)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         torch.save(torch.cat(videos) if videos else torch.empty(0), out / "videos_before.pt")
         print(evaluate.markdown_table([results["gt"], results["before"]]))
@@ -385,8 +410,7 @@ def main(argv: list[str]) -> None:
         ro = rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
         r = rewards(ro.frames, batch, cfg, reward_idm, lpips_fn)   # [P/world*G, 15] per frame
         r = gather_rewards(r.mean(1) if rl.credit == "clip" else r, world, G)  # [P*G] Eq. 3/6, or [P*G, 15]
-        n, mb = len(ro.mask), rl.micro_batch
-        old = replay_log_probs(model, ro, cfg)                 # π_old, [n, L]
+        old = replay_log_probs(model, ro, cfg)                 # π_old, [P/world * G, L]
         ref_lp = replay_log_probs(ref, ro, cfg) if ref is not None else None
         row, adv = {"step": step + 1}, None
         if torch.isfinite(r).all():                            # r is global: every rank agrees
@@ -400,19 +424,9 @@ def main(argv: list[str]) -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
         total = across_ranks([float(ro.mask.sum())], "sum", device)[0] / world   # tokens per rank
-        stats, losses = [], []
-        for i in range(0, n, mb) if why is None else ():
-            part = slice_rollout(ro, i, i + mb)
-            sync = not ddp or i + mb >= n                      # all-reduce gradients once, at the end
-            with contextlib.nullcontext() if sync else train_model.no_sync():
-                lp = log_probs(train_model, part, cfg)
-                loss, st = grpo.policy_loss(lp, old[i:i + mb], adv[i:i + mb], part.mask, cfg.grpo,
-                                            None if ref_lp is None else ref_lp[i:i + mb])   # Eq. 2
-                weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
-                (loss * weight).backward()                     # a NaN reaches every rank's gradient
-            losses.append(loss.detach())
-            stats.append((float(weight), st))
+        losses, stats = [], []
         if why is None:
+            losses, stats = accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg, total)  # Eq. 2
             why = first_nonfinite({"loss": torch.stack(losses)}, device)
         if why is None:                                        # gradients are all-reduced by now,
             norm = torch.nn.utils.clip_grad_norm_(params, rl.grad_clip)      # so the norm is global
@@ -439,7 +453,7 @@ def main(argv: list[str]) -> None:
             bar.set_postfix(reward=round(row.get("reward_mean", float("nan")), 3))
             done = step + 1 == rl.steps
             if rl.eval_every and (step + 1) % rl.eval_every == 0 and not done:
-                bar.write(json.dumps(run_eval(model, held, cfg, f"step {step + 1}", device)))
+                bar.write(json.dumps(run_eval(model, held, cfg, f"step {step + 1}", device, None, scorers)))
             if (step + 1) % rl.save_every == 0 or done or sigterm:
                 save_checkpoint(ckpt, model, opt, sched, step + 1, cfg)
         if bad >= rl.max_bad_steps:
@@ -453,7 +467,7 @@ def main(argv: list[str]) -> None:
         if rank == 0:
             results = json.loads((out / "results.json").read_text())   # gt, before
             videos = []
-            results["after"] = run_eval(model, held, cfg, "after", device, videos)
+            results["after"] = run_eval(model, held, cfg, "after", device, videos, scorers)
             (out / "results.json").write_text(json.dumps(results, indent=1))
             print(evaluate.markdown_table(list(results.values())))
             if videos:                                         # GT | before | after, clip by clip

@@ -1,5 +1,6 @@
 """bench.py runs end to end on tiny models and reports every figure the README quotes."""
 import pytest
+import torch
 
 import bench
 from test_train import assets, tiny_cfg  # noqa: F401  (the module-scoped tiny models)
@@ -26,5 +27,14 @@ def test_gradient_noise_is_one_for_equal_batches_and_lower_for_independent_ones(
     assert same["grad_cos_clip_mean"] == pytest.approx(1.0, abs=1e-5)
     assert same["grad_cos_frame_mean"] == pytest.approx(1.0, abs=1e-5)
     assert same["reward_std_within_group"] > 0                # the pixel reward differs in every group
+    assert same["noise_scale_clip"] == 0.0                    # no spread between equal batches
     other = bench.gradient_cosines(cfg, seeds=(0, 1))
     assert -1 <= other["grad_cos_clip_mean"] < 0.99 and -1 <= other["grad_cos_frame_mean"] < 0.99
+
+
+def test_noise_scale_recovers_a_known_signal_to_noise_ratio():
+    """Batch means of n samples of μ + N(0, σ²I) in D dims: the noise scale is Dσ² / |μ|² = 400."""
+    gen, D, n, k = torch.Generator().manual_seed(0), 2000, 50, 40
+    mu = torch.full((D,), 0.05)                               # |μ|² = 5
+    grads = [mu + torch.randn(n, D, generator=gen).mean(0) for _ in range(k)]   # σ = 1: tr(Σ) = 2000
+    assert bench.noise_scale(grads, n) == pytest.approx(400, rel=0.15)

@@ -62,6 +62,25 @@ def test_first_pass_ratio_is_one_and_every_parameter_moves(assets):
     assert not any(p.requires_grad for p in model.tokenizer.parameters())   # the VQ is frozen
 
 
+@pytest.mark.parametrize("aggregation", ["grpo", "token"])
+def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
+    """rl.micro_batch is a memory knob only: 1 row per backward gives the gradient of all 4 at once."""
+    cfg = tiny_cfg(assets, extra=[f"--grpo.aggregation={aggregation}"])
+    model = train.build_world_model(cfg)
+    clips = data.load_clips(cfg.data)[0]
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:2], 16).items()}
+    ro = train.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    old, adv = ro.logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5])
+    grads = []
+    for mb in (4, 1):
+        model.zero_grad(set_to_none=True)
+        train.accumulate_gradients(model, ro, old, adv, None, dataclasses.replace(
+            cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)), float(ro.mask.sum()))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].norm() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
 def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
     """The run folder holds what the README promises; exact resume, SIGKILL/SIGTERM and DDP are in
     test_robustness.py. The pixel reward (Eq. 6) gives every group a spread, so weights must move."""
