@@ -424,7 +424,6 @@ def main(argv: list[str]) -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
         total = across_ranks([float(ro.mask.sum())], "sum", device)[0] / world   # tokens per rank
-        losses, stats = [], []
         if why is None:
             losses, stats = accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg, total)  # Eq. 2
             why = first_nonfinite({"loss": torch.stack(losses)}, device)
