@@ -152,7 +152,7 @@ def rewards(frames: torch.Tensor, batch: dict, cfg: Config, reward_idm, lpips_fn
         y = batch["frames"][:, 1:].to(x.device).float() / 255
         loss = (x - y).abs().mean((2, 3, 4))                   # [B, 15] L1
         if lpips_fn is not None:
-            loss = loss + lpips_fn(x.flatten(0, 1), y.flatten(0, 1)).view(loss.shape)
+            loss = loss + evaluate.lpips_distance(lpips_fn, x.flatten(0, 1), y.flatten(0, 1)).view(loss.shape)
         return -loss
     raise ValueError(f"rl.reward={cfg.rl.reward!r}: expected 'idm' (Eq. 3) or 'pixel' (Eq. 6)")
 
@@ -376,6 +376,7 @@ def main(argv: list[str]) -> None:
     ref = build_world_model(cfg).to(device).eval() if cfg.grpo.beta > 0 else None
     reward_idm = load_reward_idm(cfg, device) if rl.reward == "idm" else None
     lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0] if rl.reward == "pixel" else None
+    lpips_fn = lpips_fn.to(device) if lpips_fn is not None else None
     scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
     train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     params = [p for p in model.parameters() if p.requires_grad]

@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import config
 import data
+import evaluate
 import idm as idm_lib
 import model_ar
 import train
@@ -79,6 +81,21 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
+    """Eq. 6 with an LPIPS network (random AlexNet weights: no download): -(L1 + LPIPS) per frame."""
+    torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pt")
+    lp, why = evaluate.load_lpips(str(tmp_path / "alexnet.pt"))
+    assert lp is not None, why
+    cfg = tiny_cfg(assets, extra=["--rl.reward=pixel"])
+    gen = torch.Generator().manual_seed(0)
+    frames, gt = (torch.randint(0, 256, (2, 16, 64, 64, 3), dtype=torch.uint8, generator=gen) for _ in range(2))
+    r = train.rewards(frames, {"frames": gt}, cfg, None, lp)                   # [2, 15]
+    x, y = frames[:, 1:].float() / 255, gt[:, 1:].float() / 255
+    want = (x - y).abs().mean((2, 3, 4)) + evaluate.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
+    torch.testing.assert_close(r, -want)
+    assert (r < -(x - y).abs().mean((2, 3, 4))).all()                        # LPIPS adds a positive term
 
 
 def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
