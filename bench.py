@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import config
 import data
@@ -111,7 +112,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     G, grads = cfg.rl.group_size, {"clip": [], "frame": []}
     within, between = [], []
-    for b in seeds:
+    for b in tqdm(seeds, desc=f"gradient noise, batches of {cfg.rl.prompts * G}"):
         batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, train.action_offset(cfg)))
         batch = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
         gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
