@@ -268,6 +268,15 @@ def test_frame_t_is_scored_against_a_t(idms):
 
     good = ev.evaluate(model(0), hand, cfg, "good", scorers)
     assert good["f1_macro"] == 1.0 and good["camera_bin_error"] == 0.0 and good["camera_acc_yaw"] == 1.0
+    assert [good[f"judge_f1_macro_frames_{a}_{a + 4}"] for a in (1, 6, 11)] == [1.0, 1.0, 1.0]
+
+    def drifting(x0, batch):  # right on frames 0..5, then every frame dark: forward_back fails from frame 6
+        video = model(0)(x0, batch)
+        video[:, 6:] = 0
+        return video
+    drift = ev.evaluate(drifting, hand, cfg, "drift", scorers)
+    assert drift["judge_f1_macro_frames_1_5"] == 1.0
+    assert drift["judge_f1_macro_frames_6_10"] < 1.0 and drift["judge_f1_macro_frames_11_15"] < 1.0
     # Off by one frame, forward_back is about chance on random presses (the 6 other tasks stay perfect).
     assert ev.evaluate(model(1), hand, cfg, "shifted", scorers)["f1_macro_forward_back"] < 0.8
 
