@@ -335,13 +335,13 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     seconds = time.time() - t0
     true_a = np.concatenate(true)  # [N, 15, 9]
     row = {"name": name}
+    pred_r, pred_j = np.concatenate(pred_r), np.concatenate(pred_j)  # [N, 15, 9] each
     for prefix, pred in (("", pred_r), ("judge_", pred_j)):
-        row.update({prefix + k: v for k, v in action_following(np.concatenate(pred), true_a).items()})
+        row.update({prefix + k: v for k, v in action_following(pred, true_a).items()})
     # Judge F1 along the clip, frames 1-5, 6-10, 11-15: a fall means errors compound over the rollout
     # (drift that only training on the model's own rollouts sees); a flat profile means they do not.
-    judge = np.concatenate(pred_j)  # [N, 15, 9]
     for a in (1, 6, 11):
-        row[f"judge_f1_macro_frames_{a}_{a + 4}"] = action_following(judge[:, a - 1:a + 4],
+        row[f"judge_f1_macro_frames_{a}_{a + 4}"] = action_following(pred_j[:, a - 1:a + 4],
                                                                       true_a[:, a - 1:a + 4])["f1_macro"]
     notes = []
     row.update(psnr=None, ssim=None, lpips=None, fvd=None, fvd_features=fvd_name(cfg))
