@@ -23,7 +23,6 @@ et al. 2018): the rollouts per step at which one step's signal equals its noise.
 import dataclasses
 import json
 import resource
-import sys
 import time
 
 import torch
@@ -31,10 +30,10 @@ from tqdm import tqdm
 
 import config
 import data
-import grpo
 import minicraft
 import model_ar
 import model_diffusion
+import runtime
 import train
 from config import Config
 
@@ -63,6 +62,12 @@ def matmul_peak(device: torch.device) -> float:
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return 2 * n ** 3 / timed(lambda: a @ b, repeat=5)
+
+
+def update_mfu(n_params: int, tokens: int, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of a training update: 6·N FLOPs per token (2·N forward, 4·N backward; Kaplan
+    et al. 2020) for `tokens` tokens in `seconds`, as a fraction of `peak_flops` (FLOP/s)."""
+    return 6 * n_params * tokens / seconds / peak_flops
 
 
 def ar_full_recompute(model, x0, tokens, frames: int) -> None:
@@ -104,31 +109,31 @@ def noise_scale(grads: list[torch.Tensor], n: int) -> float:
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
     equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame";
-    and how much the clip reward varies within a group (what GRPO learns from) and between groups."""
-    device = train.pick_device(cfg.run)
-    model = train.build_world_model(cfg).to(device)
-    reward_idm = train.load_reward_idm(cfg, device)
+    and how much the clip reward varies within a group (what GRPO learns from) and between groups.
+    Each batch goes through train.py's own stages: collect, then the backward of update (ratio 1)."""
+    device = runtime.pick_device(cfg.run.device)
+    api, model = train.world_model(cfg)
+    model.to(device)
+    reward = train.reward_fn(cfg, device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
     params = [p for p in model.parameters() if p.requires_grad]
     G, grads = cfg.rl.group_size, {"clip": [], "frame": []}
     within, between = [], []
     for b in tqdm(seeds, desc=f"gradient noise, batches of {cfg.rl.prompts * G}"):
-        batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, train.action_offset(cfg)))
-        batch = {k: v.repeat_interleave(G, 0) for k, v in batch.items()}
+        batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, model.action_offset,
+                                   cfg.data.camera_tokens))
+        batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in batch.items()}
         gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
-        model.eval()
-        ro = train.rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
-        r = train.rewards(ro.frames, batch, cfg, reward_idm, None)          # [P*G, 15]
-        old = train.replay_log_probs(model, ro, cfg)                        # π_old, [P*G, L]
-        groups = r.mean(1).view(-1, G)                                      # [P, G] clip rewards
+        exp = train.collect(api, model, None, batch, reward, cfg, gens, 0, 1)
+        groups = exp.rewards.mean(1).view(-1, G)                            # [P, G] clip rewards
         within.append(float(groups.std(1).mean()))
         between.append(float(groups.mean(1).std()) if len(groups) > 1 else float("nan"))
         model.train()
         for credit in grads:
-            adv, _ = grpo.group_advantages(r.mean(1) if credit == "clip" else r, G, cfg.grpo)   # Eq. 1
-            adv = train.per_entry(adv, ro, cfg) if credit == "frame" else adv
+            as_credit = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, credit=credit))
+            adv, _ = train.advantages(exp.rewards, exp.ro, as_credit, 0, 1)  # Eq. 1
             model.zero_grad(set_to_none=True)
-            train.accumulate_gradients(model, ro, old, adv, None, cfg, float(ro.mask.sum()))   # Eq. 2
+            train.backward(model, api, dataclasses.replace(exp, adv=adv), as_credit)   # Eq. 2
             grads[credit].append(torch.cat([p.grad.flatten() for p in params]))
     res, n = {}, cfg.rl.prompts * G
     for credit, gs in grads.items():
@@ -151,49 +156,48 @@ def main(argv: list[str]) -> dict:
     if noise:
         return report(gradient_cosines(cfg), as_json)
     torch.manual_seed(0)
-    device = train.pick_device(cfg.run)
+    device = runtime.pick_device(cfg.run.device)
     res, G = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, cfg.rl.group_size
     res["minicraft_frames_per_s"] = minicraft.bench(128)
 
     # Autoregressive world model: rollout speed, KV cache vs recompute, batched group vs sequential.
     ar = model_ar.WorldModel(cfg.ar, cfg.vq).to(device).eval()
     x0 = torch.randint(0, 256, (G, *cfg.vq.frame_hw, 3), dtype=torch.uint8, device=device)
-    tokens = torch.full((G, cfg.ar.frames, 11), cfg.ar.n_codes + 66, device=device)   # <null_act> everywhere
+    null = data.MINEWORLD_ACTION_VOCAB["<null_act>"]
+    tokens = torch.full((G, cfg.ar.frames, 11), ar.action_offset + null, device=device)   # <null_act> everywhere
     gen = torch.Generator(device=device).manual_seed(0)
-    t_group = timed(lambda: model_ar.rollout(ar, x0, tokens, generator=gen))
+    t_group = timed(lambda: model_ar.rollout(ar, x0, tokens, cfg, gen))
     res["ar_rollout_frames_per_s"] = G * (cfg.ar.frames - 1) / t_group
-    t_seq = timed(lambda: [model_ar.rollout(ar, x0[i:i + 1], tokens[i:i + 1], generator=gen)
-                           for i in range(G)])
+    t_seq = timed(lambda: [model_ar.rollout(ar, x0[i:i + 1], tokens[i:i + 1], cfg, gen) for i in range(G)])
     res["ar_batched_group_speedup"] = t_seq / t_group
     short = min(4, cfg.ar.frames)                             # recompute is O(L^2): 4 frames
     small = model_ar.WorldModel(config.build(type(cfg.ar), {**vars(cfg.ar), "frames": short}),
                                 cfg.vq).to(device).eval()
     with torch.no_grad():
-        t_cache = timed(lambda: model_ar.rollout(small, x0[:1], tokens[:1, :short], generator=gen))
+        t_cache = timed(lambda: model_ar.rollout(small, x0[:1], tokens[:1, :short], cfg, gen))
         t_full = timed(lambda: ar_full_recompute(small, x0[:1], tokens[:1, :short], short))
     res["ar_kv_cache_speedup"] = t_full / t_cache
 
     # GRPO update on the AR model: forward + backward of the replayed log-probs of one micro-batch
     # (rl.micro_batch rollouts, as train.py does), FLOPs ~ 6 N L.
-    ro = train.slice_rollout(model_ar.rollout(ar, x0, tokens, generator=gen), 0, cfg.rl.micro_batch)
+    ro = train.slice_rollout(model_ar.rollout(ar, x0, tokens, cfg, gen), 0, cfg.rl.micro_batch)
     n_params = sum(p.numel() for p in ar.transformer.parameters())
 
     def update():
         ar.zero_grad(set_to_none=True)
-        (model_ar.log_probs(ar, ro) * ro.mask).sum().backward()
+        (model_ar.log_probs(ar, ro, cfg)[0] * ro.mask).sum().backward()
 
     t_upd = timed(update)
-    flops = 6 * n_params * ro.tokens.numel()
     peak = matmul_peak(device)
-    res.update(grpo_update_tokens_per_s=ro.tokens.numel() / t_upd, grpo_update_flops=flops / t_upd,
-               matmul_peak_flops=peak, grpo_update_mfu=flops / t_upd / peak)
+    res.update(grpo_update_tokens_per_s=ro.tokens.numel() / t_upd, matmul_peak_flops=peak,
+               grpo_update_mfu=update_mfu(n_params, ro.tokens.numel(), t_upd, peak))
 
     # Diffusion world model: rollout speed and batched block-causal replay vs a loop over frames.
     nfd = model_diffusion.NFD(cfg.nfd, cfg.ae).to(device).eval()
-    nfd_tokens = torch.full((G, cfg.nfd.frames, 11), 8192 + 66, device=device)
-    t_nfd = timed(lambda: model_diffusion.rollout(nfd, x0, nfd_tokens, cfg.sde, gen, G))
+    nfd_tokens = torch.full((G, cfg.nfd.frames, 11), nfd.action_offset + null, device=device)
+    t_nfd = timed(lambda: model_diffusion.rollout(nfd, x0, nfd_tokens, cfg, gen))
     res["nfd_rollout_frames_per_s"] = G * (cfg.nfd.frames - 1) / t_nfd
-    ro = model_diffusion.rollout(nfd, x0, nfd_tokens, cfg.sde, gen, G)
+    ro = model_diffusion.rollout(nfd, x0, nfd_tokens, cfg, gen)
     n = ro.traj.shape[1]
     act = model_diffusion.actions_multi_hot(ro.actions)
     with torch.no_grad():
@@ -222,4 +226,4 @@ def report(res: dict, as_json: bool) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    runtime.cli(main)

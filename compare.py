@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 import config
+import runtime
 import evaluate
 
 VARIANTS = {                                                  # train.py flags of each reward variant
@@ -56,10 +57,10 @@ def parse(argv: list[str]) -> dict:
         elif a.startswith("--") and "=" in a:
             opts["train"].append(a)
         else:
-            sys.exit(f"compare.py: cannot use {a!r}; see the usage at the top of {__file__}")
+            raise config.UsageError(f"cannot use {a!r}; see the usage at the top of {__file__}")
     unknown = set(opts["variants"].split(",")) - set(VARIANTS)
     if unknown:
-        sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+        raise config.UsageError(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     opts["configs"] = opts["configs"] or CONFIGS
     stems = {Path(c).stem for c in opts["configs"]}
     for a in list(opts["train"]):                             # --<config name>.x.y=v: that config only
@@ -80,8 +81,8 @@ def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
             f"--run.seed={seed}", f"--run.out={out}"]
     done, recorded = out / "results.json", out / "command.txt"
     if recorded.exists() and recorded.read_text() != " ".join(args):
-        sys.exit(f"{out} holds a run of `train.py {recorded.read_text()}`, not of `train.py {' '.join(args)}`; "
-                 f"delete it or pass another --out")
+        raise config.UsageError(f"{out} holds a run of `train.py {recorded.read_text()}`, not of "
+                                f"`train.py {' '.join(args)}`; delete it or pass another --out")
     if done.exists() and "after" in json.loads(done.read_text()):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
     with open(out / "train.txt", "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
-        sys.exit(f"{' '.join(cmd)} failed (exit {rc}); its output is in {out / 'train.txt'}")
+        raise config.UsageError(f"{' '.join(cmd)} failed (exit {rc}); its output is in {out / 'train.txt'}")
     return out
 
 
@@ -171,4 +172,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    runtime.cli(main)

@@ -12,6 +12,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -22,10 +23,7 @@ from idm import IDMConfig
 from model_ar import ARConfig, VQConfig
 from model_diffusion import AEConfig, NFDConfig
 from sde_sampler import SDEConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the dataclasses; the message names the key."""
+from runtime import ConfigError, UsageError  # noqa: F401  (config.ConfigError, config.UsageError)
 
 
 def _check(value, tp, key: str):
@@ -48,6 +46,10 @@ def _check(value, tp, key: str):
         item = args[0] if args else typing.Any
         out = [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
+    if origin is Literal:                                     # a choice: checked once, with the choices named
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
     if tp is typing.Any:
         return value
     if tp is float and isinstance(value, str):
@@ -121,8 +123,8 @@ def parse(cls, argv: list[str] | None = None):
                 raise ConfigError(f"{arg}: not valid YAML: {e}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{arg}: expected sections (a mapping), got {type(loaded).__name__}")
-            cli, tree = tree, loaded
-            for k, v in _flatten(cli):                        # flags given before the file win too
+            flags, tree = tree, loaded
+            for k, v in _flatten(flags):                        # flags given before the file win too
                 _set(tree, k, v)
             name = path.stem
     return build(cls, tree), name
@@ -164,9 +166,9 @@ def dump(cfg) -> str:
 class RunConfig:
     out: str = ""               # run folder; "" = out/<config name>/
     seed: int = 0               # seeds init, prompts order and every rollout (per step)
-    device: str = "auto"        # "auto" (cuda if available), "cpu" or "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
     threads: int = 0            # torch CPU threads per process; 0 = torch's default
-    world_model: str = "ar"     # "ar" (MineWorld-style, model_ar.py) or "nfd" (model_diffusion.py)
+    world_model: Literal["ar", "nfd"] = "ar"  # MineWorld-style (model_ar.py) or NFD-style (model_diffusion.py)
 
 
 @dataclasses.dataclass
@@ -179,10 +181,11 @@ class RLConfig:
     weight_decay: float = 0.0   # AdamW weight decay
     grad_clip: float = 1.0      # max global gradient norm
     micro_batch: int = 16       # sequences per forward/backward (gradient accumulation); memory knob
-    reward: str = "idm"         # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
-    granularity: str = "exact"  # inverse reward per frame: "exact" (Eq. 3, all 9 groups) or "group" (mean)
-    credit: str = "clip"        # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3);
-                                # "frame": each frame's entries get its own reward's group advantage (denser)
+    reward: Literal["idm", "pixel"] = "idm"  # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
+    granularity: Literal["exact", "group"] = "exact"  # per frame: "exact" (Eq. 3, all 9 groups) or "group" (mean)
+    # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3); "frame": frame t's entries get
+    # the group advantages of every reward its pixels decide, A_t + A_{t+1} (grpo.frame_credit)
+    credit: Literal["clip", "frame"] = "clip"
     reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (a `idm.save` file)
     vpt_idm: str = ""           # "MODEL,WEIGHTS": OpenAI's 4x_idm.model,4x_idm.weights instead
     prompt_seed: int = 5        # minicraft seed of the RL prompts (disjoint from IDM and eval worlds)

@@ -14,12 +14,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from runtime import UsageError
 
 
 @dataclass
@@ -37,6 +39,10 @@ class DataConfig:
     mineworld_conflicts: bool = True  # clear conflicting key pairs as MineWorld's converter does (ref §1.7)
     max_clips: int | None = 1000  # stop after this many clips (paper: ~1000 training samples suffice); None = all
     seed: int = 0  # seed of the embedded world's clip generator
+    # Camera slots of the action tokens (`action_to_tokens`): "mineworld" = MineWorld's 21-bin quantizer, needed
+    # for real MineWorld checkpoints (it merges some VPT bins, e.g. 1.61 and 3.22 deg); "vpt" = one token per
+    # VPT 11-bin class, so every scored camera bin is a function of the tokens (DESIGN.md, embedded experiment)
+    camera_tokens: Literal["mineworld", "vpt"] = "mineworld"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,14 +222,25 @@ MINEWORLD_ACTION_VOCAB = {
 # Token slots 4..9: one of the pair (null when both or neither pressed); jump alone is slot 8.
 MINEWORLD_PAIR_SLOTS = (("forward", "back"), ("left", "right"), ("sprint", "sneak"), ("use", "attack"),
                         ("jump", None), ("drop", "pickItem"))
+# camera_tokens="vpt": VPT bin b (0..10) takes the id of MineWorld bin b + 5 (5..15). Injective and
+# order-keeping, and no motion (VPT 5) keeps MineWorld's no-motion id (10). The id of the MineWorld bin of
+# each VPT bin centre is not injective: 0 and ±0.615 deg share bin 10, ±1.609 and ±3.215 deg share 9 / 11.
+VPT_TOKEN_SHIFT = 5
 
 
-def action_to_tokens(action: dict, offset: int = 8192) -> list[int]:
+def action_to_tokens(action: dict, offset: int = 8192, camera_tokens: str = "mineworld") -> list[int]:
     """Env action -> 11 MineWorld token ids: [bos, pitch, yaw, hotbar, fwd|back, left|right,
-    sprint|sneak, use|attack, jump, drop|pickItem, eos]. swapHands, inventory and ESC are never emitted."""
+    sprint|sneak, use|attack, jump, drop|pickItem, eos]. swapHands, inventory and ESC are never emitted.
+    camera_tokens (DataConfig.camera_tokens) picks the camera quantizer of slots 1, 2: "mineworld" (21 bins)
+    or "vpt" (the IDM's 11 bins, on the ids of MineWorld bins 5..15); the ids stay in MineWorld's 68."""
     v = MINEWORLD_ACTION_VOCAB
     null = v["<null_act>"]
-    pitch, yaw = camera_to_bins(action["camera"], **MINEWORLD_CAMERA)  # slot 1 = camera[0], slot 2 = camera[1]
+    if camera_tokens == "mineworld":
+        pitch, yaw = camera_to_bins(action["camera"], **MINEWORLD_CAMERA)  # slot 1 = camera[0], slot 2 = camera[1]
+    elif camera_tokens == "vpt":
+        pitch, yaw = camera_to_bins(action["camera"], **VPT_CAMERA) + VPT_TOKEN_SHIFT  # MineWorld bins 5..15
+    else:
+        raise ValueError(f"data.camera_tokens must be 'mineworld' or 'vpt', got {camera_tokens!r}")
     hotbar = next((v[f"hotbar.{k}"] for k in range(1, 10) if action[f"hotbar.{k}"]), null)  # lowest pressed
     tokens = [v["<act_bos>"], v[f"cam_0_{pitch}"], v[f"cam_1_{yaw}"], hotbar]  # slots 0..3
     # Slots 4..9. No conflict clearing happens here beyond the per-slot rule: jump+sneak both survive,
@@ -290,7 +307,7 @@ def gui_from_actions(actions: list[dict]) -> np.ndarray:
 # t-1, with a no-op at t = 0 of the recording (see `read_contractor_recording`). The GUI flag
 # `isGuiOpen` of line i describes frame i and is not shifted.
 
-class ClipError(ValueError):
+class ClipError(UsageError, ValueError):
     """A file that cannot give a clip; `reason` names the SkipReport count it goes to."""
 
     def __init__(self, reason: str, message: str):
@@ -612,13 +629,13 @@ def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.n
 # ----------------------------------------------------------------------------------------------
 # Batches
 
-def collate(clips: list[tuple], offset: int = 8192) -> dict[str, torch.Tensor]:
+def collate(clips: list[tuple], offset: int = 8192, camera_tokens: str = "mineworld") -> dict[str, torch.Tensor]:
     """(frames [T, H, W, 3], actions[, gui]) clips -> batch dict of tensors.
 
     frames uint8 [B, T, H, W, 3]; buttons int64 [B, T, 20] (VPT_BUTTONS); camera float32 [B, T, 2]
     ([pitch, yaw] deg); camera_bins int64 [B, T, 2] (VPT 11 bins); groups int64 [B, T, 9] (GROUP_NAMES);
     tokens int64 [B, T, 11] (MineWorld action tokens; `offset` = the world model's image codebook size,
-    8192 for MineWorld).
+    8192 for MineWorld; `camera_tokens` = DataConfig.camera_tokens, see `action_to_tokens`).
     """
     # Row t of every field belongs to frame t: action t produced frame t, row 0 precedes the clip
     # (the clip-convention block above). Models condition on and score rows 1..T-1.
@@ -629,7 +646,8 @@ def collate(clips: list[tuple], offset: int = 8192) -> dict[str, torch.Tensor]:
     # Bin from the float64 angles, as VPT and MineWorld do: a float32 round trip could cross a bin edge.
     camera64 = np.array([[a["camera"] for a in clip[1]] for clip in clips], dtype=np.float64)  # [B, T, 2]
     camera_bins = camera_to_bins(camera64, **VPT_CAMERA)  # [B, T, 2], binned before the float32 cast
-    tokens = np.array([[action_to_tokens(a, offset) for a in clip[1]] for clip in clips], dtype=np.int64)  # [B, T, 11]
+    tokens = np.array([[action_to_tokens(a, offset, camera_tokens) for a in clip[1]] for clip in clips],
+                      dtype=np.int64)  # [B, T, 11]
     return {
         "frames": torch.from_numpy(frames),
         "buttons": torch.from_numpy(buttons),
@@ -641,7 +659,8 @@ def collate(clips: list[tuple], offset: int = 8192) -> dict[str, torch.Tensor]:
 
 
 def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-            world_size: int = 1, offset: int = 8192) -> Iterator[dict[str, torch.Tensor]]:
+            world_size: int = 1, offset: int = 8192, camera_tokens: str = "mineworld"
+            ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches of `collate`d clips, resumable from any step.
 
     batch_size is the global batch; rank r of world_size gets every world_size-th clip of it. Epoch e
@@ -661,5 +680,5 @@ def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0,
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([seed, epoch]).permutation(len(clips))  # [N]
         chosen = order[i * batch_size:(i + 1) * batch_size][rank::world_size]  # [batch_size / world_size]
-        yield collate([clips[j] for j in chosen], offset)
+        yield collate([clips[j] for j in chosen], offset, camera_tokens)
         step += 1

@@ -8,7 +8,8 @@ task and averaged over the 7 discrete tasks of Table 3; the camera is compared i
 reported twice: with the reward IDM (what RL optimised) and with a held-out judge IDM (`judge_` keys), so
 reward hacking shows as a gap. Visual quality: PSNR, SSIM, LPIPS and FVD of frames 1..15 against the
 ground truth, and the mean brightness (§6.1: pixel rewards darken frames). The GT row scores the ground
-truth clips themselves: the IDM's upper bound (paper Table 1).
+truth clips themselves: the IDM's upper bound (paper Table 1). The recon row scores their tokenizer round
+trips (what a perfect world model reaches), the best_of row the reward IDM's pick of N samples per prompt.
 
     python evaluate.py --data minicraft --out runs/eval                       # the GT row
     python evaluate.py --data DIR --out OUT --generated GEN_A --generated GEN_B  # + a row per folder
@@ -17,21 +18,23 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from scipy import linalg
 
 import data
 import idm as idm_lib
+import runtime
 from data import DataConfig
+from runtime import ConfigError, UsageError, read_checkpoint
 
 
 @dataclass
@@ -43,9 +46,10 @@ class EvalConfig:
     lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
     fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
     batch_size: int = 16  # clips per generate / IDM call
+    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
     videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
     fps: int = 4  # frames per second of side_by_side.mp4
-    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +181,9 @@ def load_lpips(backbone: str) -> tuple[torch.nn.Module | None, str]:
     if not os.path.isfile(path):
         return None, (f"lpips unavailable: no AlexNet weights at {path}; put torchvision's "
                       f"alexnet-owt-7be5be79.pth there or pass --eval.lpips_backbone=PATH")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+
+    state = read_checkpoint(path, "eval.lpips_backbone")  # a damaged file is an error, not a missing metric
+    state = state if isinstance(state, dict) else {}
     features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
     with warnings.catch_warnings():  # torchvision's note on the deprecated `pretrained=False` argument
         warnings.simplefilter("ignore")
@@ -274,14 +280,21 @@ def load_scorers(cfg: EvalConfig) -> Scorers:
     """Load both IDMs, LPIPS and (if fvd_features is a path) the I3D TorchScript; fail fast on a missing
     IDM or I3D file (a missing AlexNet only makes LPIPS unavailable, with the reason)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    reward, judge = idm_lib.load(cfg.reward_idm).to(device), idm_lib.load(cfg.judge_idm).to(device)
+
+    reward = idm_lib.load(cfg.reward_idm, "eval.reward_idm").to(device)
+    judge = idm_lib.load(cfg.judge_idm, "eval.judge_idm").to(device)
     lp, note = load_lpips(cfg.lpips_backbone)
     i3d = None
     if cfg.fvd_features != "idm":
         if not os.path.isfile(cfg.fvd_features):
             raise FileNotFoundError(f"eval.fvd_features: no I3D TorchScript at {cfg.fvd_features}; give the path "
                                     f"of StyleGAN-V's i3d_torchscript.pt, or 'idm' for the judge IDM latent")
-        i3d = torch.jit.load(cfg.fvd_features, map_location=device).eval()
+        try:
+            i3d = torch.jit.load(cfg.fvd_features, map_location=device).eval()
+        except RuntimeError as e:  # truncated, or not a TorchScript archive
+            raise UsageError(f"eval.fvd_features: cannot read {cfg.fvd_features} as TorchScript "
+                                    f"({str(e).strip().splitlines()[0]}); give StyleGAN-V's i3d_torchscript.pt "
+                                    f"or 'idm'") from None
     return Scorers(reward, judge, lp.to(device) if lp is not None else None, note, i3d, device)
 
 
@@ -291,9 +304,11 @@ def fvd_name(cfg: EvalConfig) -> str:
 
 
 def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int], torch.Tensor], visual: bool,
-           scorers: Scorers | None, videos_out: list | None) -> dict:
-    """Score the videos `videos(batch, index of its first clip)` gives for every batch of clips.
-    visual=False is the GT row. `seconds` is the row's wall time, generation included."""
+           scorers: Scorers | None, videos_out: list | None, tokens: dict | None = None) -> dict:
+    """Score the videos `videos(batch, index of its first clip)` gives for every batch of clips, with a
+    progress bar. visual=False is the GT row. `tokens`: data.collate's keywords for batch["tokens"] (the
+    world model's action-token offset and camera quantizer; MineWorld's by default). `seconds` is the
+    row's wall time, generation included."""
     s = scorers or load_scorers(cfg)
     t0 = time.time()
     true, pred_r, pred_j, bright = [], [], [], []
@@ -301,8 +316,8 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     feats_gen, feats_gt = [], []  # FVD features: [B, D] (idm) or [P, B, D] (i3d) per batch
     n_frames = 0
     kept = 0  # clips already copied into videos_out
-    for i in range(0, len(clips), cfg.batch_size):
-        batch = data.collate(clips[i:i + cfg.batch_size])
+    for i in tqdm(range(0, len(clips), cfg.batch_size), desc=f"eval {name}", unit="batch", leave=False):
+        batch = data.collate(clips[i:i + cfg.batch_size], **(tokens or {}))
         gt = batch["frames"]  # [B, 16, H, W, 3] uint8
         gen = videos(batch, i).cpu()  # [B, 16, H, W, 3] uint8; a GPU rollout comes back to the host
         if gen.shape != gt.shape or gen.dtype != torch.uint8:
@@ -368,18 +383,88 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
 
 
 def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list, cfg: EvalConfig, name: str,
-             scorers: Scorers | None = None, videos_out: list | None = None) -> dict:
+             scorers: Scorers | None = None, videos_out: list | None = None, tokens: dict | None = None) -> dict:
     """Score a world model. `generate(x0 uint8 [B, H, W, 3], batch from data.collate) -> uint8
     [B, 16, H, W, 3]` rolls out actions a_1..a_15 (batch["buttons"/"camera"/"tokens"][:, 1:]) from x0 and
     returns frame 0 = x0 and the 15 generated frames. Returns one metrics row (see `main`). If
-    `videos_out` is a list, the first cfg.videos generated clips are appended to it (side-by-side video)."""
-    return _score(name, clips, cfg, lambda batch, _: generate(batch["frames"][:, 0], batch), True, scorers, videos_out)
+    `videos_out` is a list, the first cfg.videos generated clips are appended to it (side-by-side video).
+    `tokens`: how batch["tokens"] is made (data.collate's offset and camera_tokens)."""
+    return _score(name, clips, cfg, lambda batch, _: generate(batch["frames"][:, 0], batch), True, scorers, videos_out,
+                  tokens)
 
 
 def evaluate_gt(clips: list, cfg: EvalConfig, scorers: Scorers | None = None) -> dict:
     """The GT row: action following of the IDMs on the ground-truth clips (their upper bound, paper
     Table 1); visual metrics are None."""
     return _score("gt", clips, cfg, lambda batch, _: batch["frames"], False, scorers, None)
+
+
+def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: list, cfg: EvalConfig,
+                   scorers: Scorers | None = None) -> dict:
+    """The recon row: the ground-truth clips through the world model's tokenizer round trip, scored like a
+    generated row against the raw GT. `roundtrip(frames uint8 [B, 16, H, W, 3]) -> uint8 same shape` (VQ
+    encode/decode for AR, AE encode/decode for NFD) sees every frame, x0 included, as every frame the IDM
+    reads has been through the tokenizer. What a perfect world model scores: the reachable bound (DESIGN.md)."""
+    return evaluate(lambda x0, batch: roundtrip(batch["frames"]), clips, cfg, "recon", scorers)
+
+
+def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], clips: list, cfg: EvalConfig,
+                     reward_fn: Callable[[torch.Tensor, dict], torch.Tensor], name: str | None = None,
+                     scorers: Scorers | None = None, tokens: dict | None = None) -> dict:
+    """The best-of-N row: per held-out clip, cfg.best_of samples `sample(x0, batch, i)` (i = 0..N-1, so the
+    caller controls the noise; returns uint8 [B, 16, H, W, 3] like `evaluate`'s generate), the one with the
+    highest `reward_fn(video, batch) -> [B]` (the reward IDM's clip reward, Eq. 3) kept, ties to the first,
+    and the kept clips scored as a row (judge IDM etc.). Shows how much judge F1 the reward's pick buys
+    (DESIGN.md). Named best_of_<N> unless `name` is given; `seconds` includes all N samples and rewards."""
+    if cfg.best_of < 1:
+        raise ValueError(f"eval.best_of must be >= 1 for a best_of row, got {cfg.best_of} (0 = skip the row)")
+    name = name or f"best_of_{cfg.best_of}"
+
+    def pick(batch, _):
+        x0 = batch["frames"][:, 0]  # [B, H, W, 3]
+        best, best_reward = None, None
+        for i in range(cfg.best_of):
+            video = sample(x0, batch, i)  # [B, 16, H, W, 3] uint8, on the sampler's device
+            reward = torch.as_tensor(reward_fn(video, batch)).float().cpu()  # [B]
+            if reward.shape != (len(x0),):
+                raise ValueError(f"{name}: reward_fn must return one reward per clip [{len(x0)}], "
+                                 f"got {tuple(reward.shape)}")
+            video = video.cpu()
+            if best is None:
+                best, best_reward = video, reward
+            else:
+                better = reward > best_reward  # [B]; strict, so a tie keeps the earlier sample
+                best = torch.where(better[:, None, None, None, None], video, best)  # [B, 16, H, W, 3]
+                best_reward = torch.maximum(best_reward, reward)
+        return best
+
+    return _score(name, clips, cfg, pick, True, scorers, None, tokens)
+
+
+def world_model_rows(api, model, clips: list, cfg, names: tuple[str, ...], device, reward=None,
+                     scorers: Scorers | None = None, videos_out: list | None = None) -> dict:
+    """Rows of a world model (`api`: model_ar or model_diffusion; cfg: the run's config.Config) on held-out
+    clips, by name: a generated row (any name but those below; the first cfg.eval.videos clips go to
+    `videos_out`), "recon" (the tokenizer round trip of GT) and "best_of" (cfg.eval.best_of samples, the
+    one `reward(frames, batch) -> [B, 15]` rates best kept; train.reward_fn). Every row samples with noise
+    seeded by run.seed, so rows of one model differ only by what they measure. -> {row name: row}."""
+    model.eval()
+    tokens = {"offset": model.action_offset, "camera_tokens": cfg.data.camera_tokens}
+
+    def sample(x0, batch, i=0):  # the evaluation sampler; sample i of best-of draws its own noise
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 1000 * i)
+        return api.sample_frames(model, x0.to(device), batch["tokens"].to(device), cfg, gen)
+
+    rows = {}
+    for name in names:
+        if name == "recon":
+            rows[name] = evaluate_recon(lambda frames: api.roundtrip(model, frames.to(device)), clips, cfg.eval, scorers)
+        elif name == "best_of":
+            rows[name] = evaluate_best_of(sample, clips, cfg.eval, lambda v, batch: reward(v, batch).mean(1),
+                                          scorers=scorers, tokens=tokens)
+        else:
+            rows[name] = evaluate(sample, clips, cfg.eval, name, scorers, videos_out, tokens)
+    return rows
 
 
 def read_generated(gen_dir: str | Path, n: int, height: int, width: int) -> list[np.ndarray]:
@@ -458,8 +543,7 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
         if argv[i].startswith("--") and key in flags:
             if not eq:
                 if i + 1 >= len(argv):
-                    import config  # not at the top: config.py imports EvalConfig from this file
-                    raise config.ConfigError(f"--{key} needs a value")
+                    raise ConfigError(f"--{key} needs a value")
                 value, i = argv[i + 1], i + 1
             if key == "generated":
                 flags[key].append(value)
@@ -473,12 +557,11 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 def main(argv: list[str]) -> list[dict]:
     import config  # here, not at the top: config.py imports EvalConfig from this file
-
     rest, flags = _pull_flags(argv)
     cfg, _ = config.parse(config.Config, rest)
     if flags["out"] is None:
-        raise SystemExit("usage: python evaluate.py [CONFIG.yaml] --data DIR_OR_minicraft --out OUT "
-                         "[--generated DIR ...] [--eval.key=value ...]  (--out is required)")
+        raise UsageError("--out is required; usage: python evaluate.py [CONFIG.yaml] --data DIR_OR_minicraft "
+                         "--out OUT [--generated DIR ...] [--eval.key=value ...]")
     ec = cfg.eval
     # The held-out clips: minicraft worlds of eval.seed (never trained on), or a clip folder.
     source = flags["data"] or cfg.data.source
@@ -509,4 +592,4 @@ def main(argv: list[str]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    runtime.cli(main)

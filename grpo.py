@@ -9,6 +9,7 @@ both world models (DESIGN.md "Data flow"):
 Formulas: reference/grpo_and_sde_math.md §4 and §7(A), (B), (E), (I).
 """
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,20 +20,14 @@ class GRPOConfig:
     eps_high: float | None = None  # upper clip: ratio clipped at 1 + eps_high; None = eps (DAPO clip-higher: 0.28)
     beta: float = 0.0  # weight of the k3 KL to the reference policy; 0 = no reference model (paper Table 8 tries 1e-4)
     adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL and Flow-GRPO (ref §4.1)
-    scale: str = "group"  # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
+    scale: Literal["group", "batch", "none"] = "group"  # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
     adv_clip: float | None = 5.0  # clamp advantages to [−adv_clip, adv_clip] (Flow-GRPO/DanceGRPO); None = off
-    aggregation: str = "grpo"  # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum/(N·L)
-
-
-SCALES = ("group", "batch", "none")
-AGGREGATIONS = ("grpo", "token", "dr_grpo")
+    # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum / (N·L)
+    aggregation: Literal["grpo", "token", "dr_grpo"] = "grpo"
 
 
 def _check_config(cfg: GRPOConfig) -> None:
-    if cfg.scale not in SCALES:
-        raise ValueError(f"grpo.scale={cfg.scale!r} is not one of {SCALES}; fix the config")
-    if cfg.aggregation not in AGGREGATIONS:
-        raise ValueError(f"grpo.aggregation={cfg.aggregation!r} is not one of {AGGREGATIONS}; fix the config")
+    """Range checks; the choice-valued fields (Literal) are checked by config.py when the config is read."""
     if cfg.eps < 0 or (cfg.eps_high is not None and cfg.eps_high < 0):
         raise ValueError(f"grpo.eps={cfg.eps} and grpo.eps_high={cfg.eps_high} must be >= 0")
 
@@ -93,6 +88,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     return adv, stats
 
 
+def frame_credit(adv: torch.Tensor, frame_of: torch.Tensor) -> torch.Tensor:
+    """Per-frame advantages [N, T] (frames 1..T) -> one per log-prob entry [N, L] (train.py's rl.credit
+    "frame"): the entries of frame t earn every reward its pixels decide, A_t + A_{t+1}. The IDM reads frame
+    t when it predicts a_t and a_{t+1} (its first layer is a conv over frames t−2..t+2, and replacing frame t
+    changes the prediction at t and at t+1, rarely at t−1), so A_t alone misses half the credit.
+    frame_of [L] is the frame of each entry (0 = the given frame, whose entries are masked: advantage 0)."""
+    nxt = torch.nn.functional.pad(adv[:, 1:], (0, 1))  # [N, T]  A_{t+1}, 0 after the last frame
+    per_frame = torch.nn.functional.pad(adv + nxt, (1, 0))  # [N, T+1]  frame 0 gets 0
+    return per_frame[:, frame_of]  # [N, L]
+
+
 # -----------------------------------------------------------------------------
 # Eq. 2: masked clipped surrogate + β·k3 KL
 
@@ -102,15 +108,24 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1.0)
 
 
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL[π_θ‖π_ref] per entry [N, L]: e^δ − δ − 1 with δ = log π_ref − log π_θ (ref §4.1),
+    ≥ 0, 0 where mask is 0; differentiable in logp. What the AR world model's per-token KL is."""
+    delta = torch.where(mask > 0, ref_logp.detach().float() - logp.float(), 0.0)  # [N, L]
+    return torch.exp(delta) - delta - 1.0  # [N, L]
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                cfg: GRPOConfig, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                cfg: GRPOConfig, kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Masked clipped GRPO loss (negated Eq. 2, so lower is better) and its health statistics.
 
     logp      [N, L] log-probs under the current policy θ (differentiable)
     old_logp  [N, L] log-probs recorded at rollout (θ_old; treated as constants)
     adv       [N]    one advantage per sequence, broadcast over its L entries, or [N, L], one per entry
     mask      [N, L] 1/True where the entry is trained; a row may be all zero
-    ref_logp  [N, L] log-probs under the frozen reference; in the loss when cfg.beta > 0, logged if given
+    kl        [N, L] per-entry KL to the frozen reference, differentiable (the world model's log_probs: k3 per
+              token for AR, the closed-form Gaussian KL per latent element for NFD); in the loss when
+              cfg.beta > 0, logged if given
     Returns (loss 0-d tensor, stats of plain floats; ratio_mean_per_col is a tuple of L floats).
     """
     _check_config(cfg)
@@ -121,11 +136,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         raise ValueError(f"adv must be [N] = [{logp.shape[0]}] or [N, L] = {list(logp.shape)}, "
                          f"got {tuple(adv.shape)}")
     use_kl = cfg.beta > 0
-    if use_kl and ref_logp is None:
-        raise ValueError(f"grpo.beta={cfg.beta} > 0 needs ref_logp; pass the reference policy's "
-                         f"log-probs or set grpo.beta=0")
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp must be [N, L] = {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    if use_kl and kl is None:
+        raise ValueError(f"grpo.beta={cfg.beta} > 0 needs kl; pass the KL to the reference policy "
+                         f"or set grpo.beta=0")
+    if kl is not None and kl.shape != logp.shape:
+        raise ValueError(f"kl must be [N, L] = {tuple(logp.shape)}, got {tuple(kl.shape)}")
     eps_low = cfg.eps
     eps_high = cfg.eps if cfg.eps_high is None else cfg.eps_high
 
@@ -141,13 +156,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     # Eq. 2, negated: −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (ref §7(B))
     surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)  # [N, L]
     per_token = -surrogate  # [N, L]
-    k3 = None
-    if ref_logp is not None:
-        # k3 estimator of KL[π_θ‖π_ref]: e^δ − δ − 1 with δ = log π_ref − log π_θ (ref §4.1), ≥ 0
-        delta = torch.where(keep, ref_logp.detach().float() - logp.float(), 0.0)  # [N, L]
-        k3 = torch.exp(delta) - delta - 1.0  # [N, L]
     if use_kl:
-        per_token = per_token + cfg.beta * k3  # [N, L]  ℓ = ℓ^pg + β·k3 (ref §7(B))
+        per_token = per_token + cfg.beta * torch.where(keep, kl.float(), 0.0)  # [N, L]  ℓ = ℓ^pg + β·KL (ref §7(B))
 
     # Aggregation (ref §4.3 and §7(B)); an all-masked row contributes 0 and divides by 1, not 0.
     n_seq, max_len = logp.shape
@@ -173,6 +183,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
             "ratio_mean_per_col": tuple(ratio_col.tolist()),
             "n_tokens": float(m.sum()),
         }
-        if k3 is not None:
-            stats["kl_ref"] = float(_masked_mean(k3, m))  # logged whenever ref_logp is given
+        if kl is not None:
+            stats["kl_ref"] = float(_masked_mean(kl.float(), m))  # logged whenever kl is given
     return loss, stats

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import data
+from runtime import ConfigError, UsageError, read_checkpoint
 
 # VPT's `Buttons.ALL`: the order of the 20 binary button heads (reference doc §2.4).
 BUTTONS = ("attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop",
@@ -101,14 +103,18 @@ class _PlainUnpickler(pickle.Unpickler):
 def read_model_file(path: str) -> tuple[dict, float]:
     """Read a VPT `.model` pickle -> (net kwargs, temperature). The loader reads only
     ["model"]["args"]["net"]["args"] and ["model"]["args"]["pi_head_opts"]["temperature"] (reference doc §2.1)."""
-    with open(path, "rb") as f:
-        spec = _PlainUnpickler(f).load()
+
+    try:
+        with open(path, "rb") as f:
+            spec = _PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:  # a refused global, or a damaged pickle
+        raise UsageError(f"{path}: cannot read the VPT .model file ({type(e).__name__}: {e})") from None
     try:
         args = spec["model"]["args"]
         net_args, temperature = args["net"]["args"], args["pi_head_opts"]["temperature"]
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a VPT IDM .model file: missing {e} under "
-                         "['model']['args']['net']['args'] / ['pi_head_opts']['temperature']") from None
+        raise ConfigError(f"{path} is not a VPT IDM .model file: missing {e} under "
+                                 "['model']['args']['net']['args'] / ['pi_head_opts']['temperature']") from None
     return net_args, float(temperature)  # stored as the int 4; VPT casts it to 4.0
 
 
@@ -236,14 +242,13 @@ class SelfAttention(nn.Module):
         self.b_nd = nn.Parameter(torch.zeros(N_BASIS, maxlen))  # [10, 0]
 
     def forward(self, x):  # [B, T, D], already LayerNormed
-        B, T, D = x.shape
-        hd = D // self.heads
-        q = self.q_layer(x).view(B, T, self.heads, hd)  # [B, T, H, hd]
-        k = self.k_layer(x).view(B, T, self.heads, hd)  # [B, T, H, hd]
-        v = self.v_layer(x).view(B, T, self.heads, hd)  # [B, T, H, hd]
+        hd = x.shape[-1] // self.heads
+        q = rearrange(self.q_layer(x), "b t (h d) -> b t h d", h=self.heads)  # [B, T, H, hd]
+        k = rearrange(self.k_layer(x), "b t (h d) -> b t h d", h=self.heads)  # [B, T, H, hd]
+        v = rearrange(self.v_layer(x), "b t (h d) -> b t h d", h=self.heads)  # [B, T, H, hd]
         logits = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / hd  # [B, H, T, T]; muP: 1/hd, not 1/sqrt
         w = logits.softmax(dim=-1).to(v.dtype)  # [B, H, T, T]; no mask: every frame sees the whole call
-        a = torch.einsum("bhts,bshd->bthd", w, v).reshape(B, T, D)  # [B, T, D]
+        a = rearrange(torch.einsum("bhts,bshd->bthd", w, v), "b t h d -> b t (h d)")  # [B, T, D]
         return x + self.proj_layer(a)  # [B, T, D]; residual from the normalised input
 
 
@@ -298,13 +303,13 @@ def to_net_input(frames, size: tuple[int, int]) -> torch.Tensor:
     if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"IDM input must be uint8 RGB frames [B, T, H, W, 3]; got {frames.dtype} "
                          f"{tuple(frames.shape)}. Convert with (x * 255).round().clamp(0, 255).to(torch.uint8).")
-    B, T, H, W, _ = frames.shape
+    B, _, H, W, _ = frames.shape
     h, w = size
     if (H, W) == (h, w):  # cv2.resize to the same size is an exact identity (fixture README, step 1)
         return frames
     # The resizer is numpy; frames coming from a GPU rollout make one round trip through host memory.
-    small = data.resize_frames(frames.reshape(B * T, H, W, 3).cpu().numpy(), h, w)  # [B*T, h, w, 3] uint8
-    return torch.from_numpy(np.ascontiguousarray(small)).reshape(B, T, h, w, 3).to(frames.device)
+    small = data.resize_frames(rearrange(frames, "b t h w c -> (b t) h w c").cpu().numpy(), h, w)  # [B*T, h, w, 3]
+    return rearrange(torch.from_numpy(np.ascontiguousarray(small)), "(b t) h w c -> b t h w c", b=B).to(frames.device)
 
 
 class IDM(nn.Module):
@@ -335,16 +340,19 @@ class IDM(nn.Module):
         out = {}
         # 1-2. ImgPreprocessing: float, /255, no mean/std.
         x = x.float() / 255.0  # [B, T, H, W, 3]
-        B, T, H, W, _ = x.shape
+        B, T = x.shape[:2]
         # 3. Temporal conv3d (5, 1, 1), zero-padded at the clip ends, + ReLU: frame t sees t-2..t+2.
-        x = net.conv3d_layer(x.permute(0, 4, 1, 2, 3))  # [B, C, T, H, W]
-        x = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]
+        x = net.conv3d_layer(rearrange(x, "b t h w c -> b c t h w"))  # [B, C, T, H, W]
+        x = rearrange(x, "b c t h w -> b t h w c")  # [B, T, H, W, C]
         out["conv3d"] = x
         # 4. ImpalaCNN per frame.
-        x = net.img_process["cnn"](x.reshape(B * T, H, W, -1).permute(0, 3, 1, 2))  # [B*T, 256]
-        out["impala"] = x.view(B, T, -1)  # [B, T, 256]
+        # One NHWC copy viewed as NCHW (channels-last memory): conv kernels choose their path by memory layout,
+        # and another layout need not round the same as the outputs recorded so far.
+        x = rearrange(x, "b t h w c -> (b t) h w c").permute(0, 3, 1, 2)  # [B*T, C, H, W], NHWC in memory
+        x = net.img_process["cnn"](x)  # [B*T, 256]
+        out["impala"] = rearrange(x, "(b t) d -> b t d", b=B)  # [B, T, 256]
         # 5. ImgObsProcess.linear.
-        x = net.img_process["linear"](x).view(B, T, -1)  # [B, T, D]
+        x = rearrange(net.img_process["linear"](x), "(b t) d -> b t d", b=B)  # [B, T, D]
         out["img_process"] = x
         # 6. Residual transformer blocks, bidirectional over the T frames of this call, no memory.
         for i, block in enumerate(net.recurrent_layer["blocks"]):
@@ -420,14 +428,15 @@ def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granula
 def _load_weights(idm: IDM, state_dict: dict, source: str) -> IDM:
     """Load a state dict into an IDM built on the meta device, strictly: missing or mis-shaped keys raise,
     listing them. Extra keys are ignored with a warning (VPT itself loads with strict=False)."""
+
     want = idm.state_dict()  # meta tensors: names and shapes only
     missing = sorted(want.keys() - state_dict.keys())
     shapes = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                     for k, v in want.items() if k in state_dict and state_dict[k].shape != v.shape)
     if missing or shapes:
-        raise ValueError(f"{source} does not fit this IDM ({len(want)} keys expected).\n"
-                         f"missing keys ({len(missing)}): {missing}\nmis-shaped keys ({len(shapes)}): {shapes}\n"
-                         "Check that the .model / kwargs file and the weights file belong together.")
+        raise ConfigError(f"{source} does not fit this IDM ({len(want)} keys expected): missing keys "
+                                 f"({len(missing)}): {missing[:5]}; mis-shaped keys ({len(shapes)}): {shapes[:5]}; "
+                                 "check that the .model / kwargs file and the weights file belong together")
     extra = sorted(state_dict.keys() - want.keys())
     if extra:
         warnings.warn(f"{source}: ignoring {len(extra)} keys the IDM does not have: {extra}")
@@ -441,7 +450,7 @@ def _require_file(path: str, what: str) -> None:
         raise FileNotFoundError(
             f"{what} not found at {os.path.abspath(path)}. Download 4x_idm.model and 4x_idm.weights from "
             "OpenAI's VPT release (github.com/openai/Video-Pre-Training, 'Inverse Dynamics Model' section) "
-            "and pass their paths.")
+            "and pass their paths as rl.vpt_idm=MODEL,WEIGHTS.")
 
 
 def load_vpt(model_path: str, weights_path: str) -> IDM:
@@ -452,7 +461,8 @@ def load_vpt(model_path: str, weights_path: str) -> IDM:
     kwargs, temperature = read_model_file(model_path)
     with torch.device("meta"):
         idm = IDM(kwargs, temperature)
-    state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+
+    state_dict = read_checkpoint(weights_path, "rl.vpt_idm")
     return _load_weights(idm, state_dict, weights_path)
 
 
@@ -465,12 +475,17 @@ def save(idm: IDM, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str) -> IDM:
-    """Read an IDM written by `save` (torch.load with weights_only=True) -> IDM in eval mode on CPU."""
+def load(path: str, key: str = "rl.reward_idm") -> IDM:
+    """Read an IDM written by `save` (torch.load with weights_only=True) -> IDM in eval mode on CPU. `key` is the
+    config key that named the file, for the error messages."""
+
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"IDM checkpoint not found at {os.path.abspath(path)}; train one with "
+        raise FileNotFoundError(f"{key}: IDM checkpoint not found at {os.path.abspath(path)}; train one with "
                                 "pretrain.py or use the shipped assets/minicraft IDMs.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # plain dict: no code runs on load
+    ckpt = read_checkpoint(path, key)  # plain dict: no code runs on load
+    if not isinstance(ckpt, dict) or not {"kwargs", "temperature", "state_dict"} <= ckpt.keys():
+        raise UsageError(f"{path} is not an IDM checkpoint (a dict of kwargs, temperature, state_dict written "
+                                f"by idm.save); point {key} at one, e.g. assets/minicraft/idm_reward.pt")
     with torch.device("meta"):
         idm = IDM(ckpt["kwargs"], ckpt["temperature"])
     return _load_weights(idm, ckpt["state_dict"], path)

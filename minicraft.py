@@ -18,6 +18,7 @@ direction and the per-pixel work is a handful of gathers. That keeps a 64x64 fra
 millisecond on one core.
 """
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import runtime
 import data  # env-format actions (VPT/MineRL keys, camera = [pitch, yaw] degrees) and clip files
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +492,12 @@ class Worlds:
 # Camera moves use the centres of VPT's 11 mu-law bins (degrees), so the label of a move is never
 # a hair's breadth from a bin edge; flicks go past VPT's +-10 degree range.
 CAM_STEPS = (1.61, 3.22, 5.81, 10.0)
+FLICK = (15.0, 40.0)              # |yaw| of a flick, degrees (uniform in this range)
+# Runs of held movement keys and their probabilities; hand actions (held for a run of frames).
+MOVES = ("", "forward", "forward", "forward+sprint", "forward+sneak", "back", "left", "right", "forward+left",
+         "forward+right", "sneak")
+MOVE_P = (.22, .2, .06, .16, .06, .07, .06, .06, .04, .04, .03)
+HANDS = ("", "attack", "use", "drop")
 
 
 class Scripted:
@@ -519,9 +527,7 @@ class Scripted:
 
         keys, left = self.move
         if left == 0:                                         # a new run of held movement keys
-            keys = r.choice(["", "forward", "forward", "forward+sprint", "forward+sneak", "back",
-                             "left", "right", "forward+left", "forward+right", "sneak"],
-                            p=[.22, .2, .06, .16, .06, .07, .06, .06, .04, .04, .03])
+            keys = r.choice(MOVES, p=MOVE_P)
             left = int(r.geometric(1 / 10))
         self.move = (keys, left - 1)
         for key in keys.split("+") if keys else ():
@@ -539,7 +545,7 @@ class Scripted:
                 else:
                     yaw = step
             if r.random() < 0.04:                             # a flick: one big jump of the view
-                yaw, left = float(r.choice([-1, 1]) * r.uniform(15, 40)), 1
+                yaw, left = float(r.choice([-1, 1]) * r.uniform(*FLICK)), 1
         self.cam = (pitch, yaw, left - 1)
         if abs(p.pitch) > 40:                                 # drift back towards the horizon
             pitch = -math.copysign(CAM_STEPS[1], p.pitch)
@@ -547,7 +553,7 @@ class Scripted:
 
         act, left = self.hand
         if left == 0:
-            act = r.choice(["", "attack", "use", "drop"], p=[.8, .12, .05, .03])
+            act = r.choice(HANDS, p=[.8, .12, .05, .03])
             left = int(r.integers(3, 10)) if act == "attack" else int(r.integers(1, 4))
             if act == "attack" and aim:                       # at a block: mine it through
                 left = BREAK_FRAMES + int(r.integers(0, 3))
@@ -555,6 +561,32 @@ class Scripted:
         if act:
             a[act] = 1
         return a
+
+
+def action_space() -> list[dict]:
+    """Every env action `Scripted` emits, as a finite list (for tests of what the action tokens determine).
+
+    A superset on the camera: any pitch in {0, ±CAM_STEPS} with any yaw in {0, ±CAM_STEPS, ±FLICK} (the
+    player turns one axis at a time, but the drift back to the horizon adds a pitch to any yaw). A flick's
+    yaw is continuous: the ends of FLICK stand for the range, which is exact for bin questions, since the
+    camera quantizers are monotone (a range whose ends share a bin lies in it). GUI steps press inventory
+    or ESC alone; while a GUI is open the player sends no-ops.
+    """
+    steps = [0.0, *CAM_STEPS, *(-c for c in CAM_STEPS)]
+    pitches, yaws = steps, steps + [*FLICK, *(-f for f in FLICK)]
+    out = [{**data.noop_action(), "inventory": 1}, {**data.noop_action(), "ESC": 1}]
+    # dict.fromkeys: MOVES repeats "forward" for its weight. hotbar 0 = no hotbar key.
+    for keys, jump, hotbar, hand, pitch, yaw in itertools.product(dict.fromkeys(MOVES), (0, 1), range(10), HANDS,
+                                                                  pitches, yaws):
+        if jump and "sneak" in keys:  # jumps are taps on the ground, never while sneaking
+            continue
+        a = data.noop_action()
+        for key in [*keys.split("+"), hand, f"hotbar.{hotbar}" if hotbar else ""]:
+            if key:
+                a[key] = 1
+        a["jump"], a["camera"] = jump, [pitch, yaw]
+        out.append(a)
+    return out
 
 
 def clips(n: int | None, seed: int, height: int = 64, width: int = 64, clip_len: int = 16,
@@ -653,4 +685,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    runtime.cli(main)

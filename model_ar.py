@@ -15,13 +15,17 @@ Parameter names follow HF `LlamaForCausalLM` and MineWorld's `LlamaLVM` (`transf
 """
 import json
 import os
-import pickle
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+
+import grpo
+from runtime import ConfigError, UsageError, read_checkpoint
 
 ACTION_VOCAB = 68  # action ids n_codes .. n_codes+67: 65 keys/camera bins, <act_bos>, <null_act>, <act_eos> (§1.5)
 MINEWORLD_HINT = ("MineWorld's weights are on the ModelScope mirror modelscope.cn/models/AI-ModelScope/mineworld "
@@ -146,10 +150,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
 
     def forward(self, x, cos, sin, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, h, T, d]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, d]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, kv, T, d]
+        t = x.shape[1]
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.heads)  # [B, h, T, d]
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.kv_heads)  # [B, kv, T, d]
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.kv_heads)  # [B, kv, T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # whole sequence at once: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, h, T, d]
@@ -162,7 +166,7 @@ class Attention(nn.Module):
             mask = None if t == 1 else pos[None, :] <= pos[start:, None]  # [T, end]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, h, T, d]
         # enable_gqa lets query head i use kv head i // (heads / kv_heads): HF's repeat_kv / repeat_interleave
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # [B, T, H]
+        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))  # [B, T, H]
 
 
 class MLP(nn.Module):
@@ -271,8 +275,8 @@ class VQVAE(nn.Module):
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Ids [B, h, w] of the code nearest (L2) to each latent vector of z [B, D, h, w]; codebook [K, D]."""
-    b, d, h, w = z.shape
-    zf = z.permute(0, 2, 3, 1).reshape(-1, d)  # [B·h·w, D]
+    b, _, h, w = z.shape
+    zf = rearrange(z, "b d h w -> (b h w) d")  # [B·h·w, D]
     dist = zf.pow(2).sum(1, keepdim=True) - 2 * zf @ codebook.t() + codebook.pow(2).sum(1)  # [B·h·w, K]
     return dist.argmin(1).view(b, h, w)
 
@@ -281,7 +285,7 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor):
     """VQ-VAE bottleneck. Returns z_q with a straight-through gradient (forward = codes, backward = identity
     to z), ids [B, h, w], the codebook loss ||sg[z] − e||² and the commitment loss ||z − sg[e]||²."""
     ids = nearest_codes(z, codebook)
-    zq = codebook[ids].permute(0, 3, 1, 2)  # [B, D, h, w]
+    zq = rearrange(codebook[ids], "b h w d -> b d h w")  # [B, D, h, w]
     codebook_loss = F.mse_loss(zq, z.detach())
     commit_loss = F.mse_loss(z, zq.detach())
     return z + (zq - z).detach(), ids, codebook_loss, commit_loss
@@ -301,7 +305,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"tokenizer expects uint8 frames [B, {self.cfg.frame_hw[0]}, {self.cfg.frame_hw[1]}, 3], "
                              f"got {frames.dtype} {tuple(frames.shape)}; resize or set vq.frame_hw")
         dtype = self.model.quantize.embedding.weight.dtype
-        x = frames.permute(0, 3, 1, 2).to(dtype) / 255.0 * 2 - 1  # [B, 3, H, W]: /255, then Normalize(0.5, 0.5)
+        x = rearrange(frames, "b h w c -> b c h w").to(dtype) / 255.0 * 2 - 1  # [B, 3, H, W]: /255, Normalize(0.5, 0.5)
         return self.model.quant_conv(self.model.encoder(x))
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -314,13 +318,13 @@ class Tokenizer(nn.Module):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids [B, h·w] -> frames uint8 [B, H, W, 3]: clamp to [-1, 1], then (x+1)/2·255 cast (truncated)."""
         h, w = self.cfg.grid
-        zq = self.model.quantize.embedding.weight[ids].view(ids.shape[0], h, w, -1).permute(0, 3, 1, 2)  # [B, D, h, w]
+        zq = rearrange(self.model.quantize.embedding.weight[ids], "b (h w) d -> b d h w", h=h, w=w)  # [B, D, h, w]
         x = self.decode_latents(zq).float().clamp(-1, 1)  # [B, 3, H, W]
-        return ((x + 1) / 2 * 255).to(torch.uint8).permute(0, 2, 3, 1)  # [B, H, W, 3]
+        return rearrange(((x + 1) / 2 * 255).to(torch.uint8), "b c h w -> b h w c")  # [B, H, W, 3]
 
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """VQ-VAE pretraining loss: MSE reconstruction (in [-1, 1]) + codebook + β·commitment."""
-        target = frames.permute(0, 3, 1, 2).float() / 255.0 * 2 - 1  # [B, 3, H, W]
+        target = rearrange(frames, "b h w c -> b c h w").float() / 255.0 * 2 - 1  # [B, 3, H, W]
         zq, ids, codebook_loss, commit_loss = quantize(self.latents(frames), self.model.quantize.embedding.weight)
         recon = F.mse_loss(self.decode_latents(zq), target)
         usage = torch.bincount(ids.flatten(), minlength=self.cfg.codebook_size).float()  # [K]
@@ -350,7 +354,7 @@ def load_mineworld_vae(config_json: str, ckpt: str) -> nn.Module:
         from safetensors.torch import load_file
         sd = load_file(ckpt)
     else:
-        sd = read_state_dict(ckpt)
+        sd = read_state_dict(ckpt, "vq.init_from")
     if any(k.startswith("model.") for k in sd):  # keys of MineWorld's wrapper; anything else (e.g. a loss) is dropped
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     load_weights(vae, sd, ckpt)
@@ -379,46 +383,57 @@ class WorldModel(nn.Module):
         self.cfg = ar
         self.transformer = Transformer(ar)
         self.tokenizer = Tokenizer(vq, tokenizer_model).requires_grad_(False)
+        self.action_offset = ar.n_codes  # action token ids start after the image codes (MineWorld: 8192)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Full causal forward, logits [B, T, V]; calling the module (not .transformer) keeps DDP hooks."""
         return self.transformer(tokens)
 
 
-def read_state_dict(path: str) -> dict:
-    """A `.bin` is a raw state dict; anything else is a dict holding "state_dict" (Lightning style) or raw."""
+def read_state_dict(path: str, key: str = "ar.init_from") -> dict:
+    """A `.bin` is a raw state dict; anything else is a dict holding "state_dict" (Lightning style) or raw.
+    `key` is the config key that named the file, for the error messages."""
+
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}. Check init_from; {MINEWORLD_HINT}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(f"{path} holds objects other than tensors and plain containers; re-save it as "
-                           f"{{'state_dict': model.state_dict()}} (we only load with weights_only=True)") from e
+        raise FileNotFoundError(f"checkpoint not found: {path}. Check {key}; {MINEWORLD_HINT}")
+    obj = read_checkpoint(path, key)
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} holds a {type(obj).__name__}, not a state dict; point {key} at a checkpoint")
     if path.endswith(".bin") or "state_dict" not in obj:
         return obj
     return obj["state_dict"]
 
 
+def _few(keys: list) -> str:
+    """"(n): [the first 5 keys]": a key list short enough for a one-line error."""
+    return f"({len(keys)}): {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def load_weights(module: nn.Module, sd: dict, source: str) -> None:
-    """Strict load that names every missing, unexpected and mis-shaped key; dtypes are cast to the module's."""
+    """Strict load that names the missing, unexpected and mis-shaped keys (the first 5 of each); dtypes are cast
+    to the module's."""
+
     own = module.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
     shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in own if k in sd and sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        raise ValueError(f"checkpoint {source} does not match the model config.\n"
-                         f"  missing keys ({len(missing)}): {missing}\n"
-                         f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-                         f"  mis-shaped keys ({len(shapes)}): {shapes}\n"
-                         f"Check the ar/vq sections (hidden, layers, heads, vocab, codebook) against the checkpoint.")
+        raise ConfigError(f"checkpoint {source} does not match the model config: missing keys {_few(missing)}; "
+                                 f"unexpected keys {_few(unexpected)}; mis-shaped keys {_few(shapes)}; use the ar/vq "
+                                 f"config it was trained with (hidden, layers, heads, vocab, codebook)")
     module.load_state_dict(sd)
 
 
-def load_checkpoint(model: WorldModel, path: str) -> None:
+def load_checkpoint(model: WorldModel, path: str, key: str = "ar.init_from") -> None:
     """Load a MineWorld / rlir checkpoint: keys `transformer.*` and `tokenizer.model.*`; other keys are ignored."""
-    sd = read_state_dict(path)
+
+    sd = read_state_dict(path, key)
     ours = {k: v for k, v in sd.items() if k.startswith(("transformer.", "tokenizer."))}
+    if not ours:  # e.g. an NFD checkpoint ({"model": ...}): say so rather than list every key the model lacks
+        raise ConfigError(f"{path} holds no transformer.* / tokenizer.* weights (its keys: {sorted(sd)[:5]}), "
+                                 f"so it is not an AR world model; point {key} at one, or use the config it was "
+                                 f"trained with")
     if len(ours) < len(sd):
         warnings.warn(f"{path}: ignoring {len(sd) - len(ours)} keys outside transformer.* / tokenizer.*")
     load_weights(model, ours, path)
@@ -430,7 +445,8 @@ def build_world_model(ar: ARConfig, vq: VQConfig) -> WorldModel:
     vae = load_mineworld_vae(vq.diffusers_config, vq.init_from) if vq.diffusers_config else None
     model = WorldModel(ar, vq, vae)
     if vae is None and vq.init_from != "scratch":
-        sd = {k.removeprefix("model."): v for k, v in read_state_dict(vq.init_from).items()}  # our tokenizer files
+        sd = read_state_dict(vq.init_from, "vq.init_from")
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}  # our tokenizer files
         load_weights(model.tokenizer.model, sd, vq.init_from)
     if ar.init_from != "scratch":
         load_checkpoint(model, ar.init_from)
@@ -498,6 +514,8 @@ class Rollout:
     mask: torch.Tensor  # [B, L] float: 1 on generated image tokens only (frame 0 and actions masked, §4.2)
     frames: torch.Tensor  # [B, F, H, W, 3] uint8: x0, then the F-1 decoded generated frames
     temperature: float  # softmax temperature the log-probs are taken under (log_probs replays it)
+    frame_of: torch.Tensor  # [L] long: the frame each entry belongs to (frame t's image tokens, then act(a_{t+1}))
+    ref: torch.Tensor | None = None  # [B, L] float: log π_ref(token | prefix) (reference), for the KL of Eq. 2
 
 
 def check_actions(cfg: ARConfig, action_tokens: torch.Tensor, batch: int) -> None:
@@ -511,15 +529,26 @@ def check_actions(cfg: ARConfig, action_tokens: torch.Tensor, batch: int) -> Non
                          f"with data.action_to_tokens(action, offset={cfg.n_codes})")
 
 
+def build(cfg) -> WorldModel:
+    """The run's world model from `cfg` (config.Config): build_world_model(cfg.ar, cfg.vq)."""
+    return build_world_model(cfg.ar, cfg.vq)
+
+
+def roundtrip(model: WorldModel, frames: torch.Tensor) -> torch.Tensor:
+    """Frames uint8 [B, F, H, W, 3] through the VQ tokenizer (encode, decode): what a perfect world model can show."""
+    with torch.no_grad():
+        return model.tokenizer.decode(model.tokenizer.encode(frames.flatten(0, 1))).view(frames.shape)
+
+
 @torch.no_grad()
-def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float = 1.0,
-            top_p: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
+def generate(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float, top_p: float,
+             generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
     """Generate frames 1..F-1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11], the whole batch at once
     (G rollouts of a prompt are just G rows). Prefill img_0 + act(a_1), then decode one image token per call
     from a preallocated KV cache; after a frame's last token, that token and the next action go in together
     (MineWorld's naive_generate). Deterministic given `generator` (on the model's device; a list = one per group of
-    rows, see exponential_noise). `model` is the
-    unwrapped WorldModel: sampling needs no gradient, so DDP is not involved."""
+    rows, see exponential_noise). `model` is the unwrapped WorldModel: sampling needs no gradient, so DDP is not
+    involved."""
     cfg, n, a = model.cfg, model.cfg.image_tokens, model.cfg.action_tokens
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -544,32 +573,46 @@ def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, te
             logits = model.transformer(tokens[:, pos:pos + step], pos, cache)[:, -1]  # [B, V]
             pos += step
     gen = generated_positions(cfg, device)  # [L]
-    ids = tokens[:, gen].view(b, cfg.frames - 1, n)  # [B, F-1, N]
+    ids = rearrange(tokens[:, gen], "b (f n) -> b f n", n=n)  # [B, F-1, N]
     decoded = [model.tokenizer.decode(ids[:, t]) for t in range(cfg.frames - 1)]  # F-1 × [B, H, W, 3]
     frames = torch.stack([x0.to(device), *decoded], dim=1)  # [B, F, H, W, 3]
     mask = gen.float().expand(b, -1).clone()  # [B, L]
-    return Rollout(tokens=tokens, logp=logp, mask=mask, frames=frames, temperature=temperature)
+    frame_of = torch.arange(cfg.seq_len, device=device) // cfg.frame_len  # [L]
+    return Rollout(tokens=tokens, logp=logp, mask=mask, frames=frames, temperature=temperature, frame_of=frame_of)
 
 
-def log_probs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
+def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
+            generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
+    """GRPO sampling (§4.2) at the training temperature and nucleus (cfg.ar.temperature, cfg.ar.top_p): per
+    image token log-probs, action tokens masked. `cfg` is the run's config.Config; see `generate`."""
+    return generate(model, x0, action_tokens, cfg.ar.temperature, cfg.ar.top_p, generator)
+
+
+def log_probs(model: nn.Module, rollout: Rollout, cfg=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differentiable log π_θ(token | prefix) [B, L] from one full forward over the rollout's sequence, under
-    the rollout's softmax (temperature-scaled, full image vocabulary); 0 where mask is 0. `model` may be
-    DDP-wrapped. On the first on-policy pass this equals rollout.logp (KV cache vs. recompute)."""
-    cfg = getattr(model, "module", model).cfg
-    gen = generated_positions(cfg, rollout.tokens.device)  # [L]
+    the rollout's softmax (temperature-scaled, full image vocabulary), 0 where mask is 0; and, if rollout.ref
+    holds π_ref's log-probs, the k3 estimate of KL[π_θ‖π_ref] per token (grpo.k3, Eq. 2). `model` may be
+    DDP-wrapped. On the first on-policy pass the log-probs equal rollout.logp (KV cache vs. recompute)."""
+    raw = getattr(model, "module", model).cfg
+    gen = generated_positions(raw, rollout.tokens.device)  # [L]
     logits = model(rollout.tokens[:, :-1])  # [B, L-1, V]: position i predicts token i+1
-    lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, gen], cfg.n_codes, rollout.temperature)  # [B, G]
+    lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, gen], raw.n_codes, rollout.temperature)  # [B, G]
     out = logits.new_zeros(rollout.tokens.shape, dtype=torch.float32)  # [B, L]
     out[:, gen] = lp
-    return out
+    return out, None if rollout.ref is None else grpo.k3(out, rollout.ref, rollout.mask)
 
 
-def sample_frames(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, temperature: float | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Evaluation sampling, frames uint8 [B, F, H, W, 3]; defaults to ar.eval_temperature / ar.eval_top_p."""
-    temperature = model.cfg.eval_temperature if temperature is None else temperature
-    top_p = model.cfg.eval_top_p if top_p is None else top_p
-    return rollout(model, x0, action_tokens, temperature, top_p, generator).frames
+@torch.no_grad()
+def reference(model: WorldModel, rollout: Rollout, cfg=None) -> torch.Tensor:
+    """What the KL of log_probs needs from the frozen reference policy: its log-probs [B, L]."""
+    return log_probs(model, dataclasses.replace(rollout, ref=None))[0]
+
+
+def sample_frames(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Evaluation sampling at cfg.ar.eval_temperature / cfg.ar.eval_top_p (MineWorld: 1.0, 0.8) ->
+    frames uint8 [B, F, H, W, 3]."""
+    return generate(model, x0, action_tokens, cfg.ar.eval_temperature, cfg.ar.eval_top_p, generator).frames
 
 
 def lm_loss(model: nn.Module, frames: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 import sde_sampler as sde
-from sde_sampler import SDEConfig
+from runtime import ConfigError, UsageError, read_checkpoint
 
 ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (reference/mineworld_vpt_formats.md §1.5)
 N_ACTION_IDS = 68  # raw ids 0..67: 23 buttons/hotbar keys, 2×21 camera bins, <act_bos>, <null_act>, <act_eos>
@@ -120,21 +121,21 @@ class FrameAE(nn.Module):
         if frames.dtype != torch.uint8 or frames.ndim != 4 or tuple(frames.shape[1:]) != want:
             raise ValueError(f"frames must be uint8 [B, {want[0]}, {want[1]}, 3] (ae.frame_h, ae.frame_w); "
                              f"got {frames.dtype} {tuple(frames.shape)}: resize the clips or fix the ae config")
-        return frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, H, W]
+        return rearrange(frames, "b h w c -> b c h w").float() / 127.5 - 1.0  # [B, 3, H, W]
 
     def _latent_grid(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, C, h, w]."""
         h, w = self.grid
-        return latents.transpose(1, 2).reshape(latents.shape[0], -1, h, w)  # [B, C, h, w]
+        return rearrange(latents, "b (h w) c -> b c h w", h=h, w=w)  # [B, C, h, w]
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         z = self.encoder(self._pixels(frames))  # [B, C, h, w]
-        return z.flatten(2).transpose(1, 2)  # [B, N, C]
+        return rearrange(z, "b c h w -> b (h w) c")  # [B, N, C]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.decoder(self._latent_grid(latents.float()))  # [B, 3, H, W]
         x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # [B, 3, H, W] in [0, 255]
-        return x.to(torch.uint8).permute(0, 2, 3, 1)  # [B, H, W, 3]
+        return rearrange(x.to(torch.uint8), "b c h w -> b h w c")  # [B, H, W, 3]
 
     def loss(self, frames: torch.Tensor) -> torch.Tensor:
         """Pretraining loss: L1 + L2 reconstruction of noised latents + latent-scale regulariser."""
@@ -203,15 +204,14 @@ class Block(nn.Module):
         ctx: (k, v) [B, heads, L_ctx, D/heads] cached keys/values of earlier clean frames, or None;
         mask: bool [F·N, L_ctx + F·N] or None (= attend to everything).
         Returns (x [B, F, N, D], (k, v) of this call's tokens for the cache)."""
-        B, Fr, N, D = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).unsqueeze(2).chunk(6, dim=-1)  # 6 × [B, F, 1, D]
         h = modulate(self.norm1(x), sh1, sc1)  # [B, F, N, D]
-        q, k, v = self.qkv(h).view(B, Fr * N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, FN, d]
+        q, k, v = rearrange(self.qkv(h), "b f n (qkv h d) -> qkv b h (f n) d", qkv=3, h=self.heads)  # [B, H, FN, d]
         kv = (k, v)
         if ctx is not None:
             k, v = torch.cat([ctx[0], k], dim=2), torch.cat([ctx[1], v], dim=2)  # [B, H, L_ctx + FN, d]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, FN, d]
-        x = x + g1 * self.proj(a.transpose(1, 2).reshape(B, Fr, N, D))  # [B, F, N, D]
+        x = x + g1 * self.proj(rearrange(a, "b h (f n) d -> b f n (h d)", f=x.shape[1]))  # [B, F, N, D]
         h = modulate(self.norm2(x), sh2, sc2)  # [B, F, N, D]
         x = x + g2 * self.down(F.silu(self.gate(h)) * self.up(h))  # [B, F, N, D]
         return x, kv
@@ -235,6 +235,7 @@ class NFD(nn.Module):
                              f"tokenizer's {grid[0]}x{grid[1]}x{ae_cfg.latent_channels} (frame / 2**len(ae.mults), "
                              f"ae.latent_channels); set nfd.latent_h/latent_w/latent_channels to match")
         self.cfg = cfg
+        self.action_offset = ACTION_OFFSET  # the action tokens it reads are MineWorld's (raw id + 8192)
         D, C = cfg.hidden, cfg.latent_channels
         self.n_tok = cfg.latent_h * cfg.latent_w
         self.ae = FrameAE(ae_cfg).requires_grad_(False)
@@ -283,21 +284,25 @@ class NFD(nn.Module):
         return self.final(modulate(self.final_norm(h), shift, scale)).float(), kvs  # [B, F, N, C]
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str, key: str | None = None) -> None:
     """Load a checkpoint (a plain dict with a "model" state dict, or a bare state dict) into `model`,
-    failing with the missing / unexpected / mis-shaped keys named."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    failing with the missing / unexpected / mis-shaped keys named. `key` is the config key that named the
+    file, for the error messages (default: ae.init_from for a FrameAE, else nfd.init_from)."""
+
+    key = key or ("ae.init_from" if isinstance(model, FrameAE) else "nfd.init_from")
+    ckpt = read_checkpoint(path, key)
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds no state dict (expected a dict with a 'model' entry); re-export it")
+        raise ConfigError(f"{path} holds no state dict (expected a dict with a 'model' entry); point {key} "
+                                 f"at an NFD/AE checkpoint")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd
               and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not match the configured model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, shape mismatches {shapes[:5]}; "
-                         f"use the nfd/ae config it was trained with")
+        raise ConfigError(f"{path} does not match the configured model: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}, shape mismatches {shapes[:5]} (of {len(missing)}, "
+                                 f"{len(unexpected)}, {len(shapes)}); use the nfd/ae config it was trained with")
     model.load_state_dict(sd)
 
 
@@ -378,30 +383,29 @@ class Rollout:
     ts: torch.Tensor  # float32 [K+1]: the time grid 1 = t_0 > … > t_K = 0
     g: torch.Tensor  # float32 [K]: diffusion coefficients g_k of the SDE
     actions: torch.Tensor  # int64 [B, F, 11]: the action tokens the rollout was conditioned on
+    frame_of: torch.Tensor  # int64 [(F−1)·K]: the frame each log-prob entry belongs to (credit, train.py)
+    ref: torch.Tensor | None = None  # float32 [B, F−1, K, N, C]: π_ref's transition means (reference), for the KL
 
 
-def _initial_noise(B, n, shape, group_size, same_noise, generator, device) -> torch.Tensor:
-    """x_{t=1} for n frames [B, n, *shape]; with same_noise every run of `group_size` consecutive samples
-    (one GRPO group, train.py's layout) shares it (ref §7(H))."""
-    if not same_noise:
-        return torch.randn(B, n, *shape, device=device, generator=generator)  # [B, n, N, C]
-    if group_size < 1 or B % group_size:
-        raise ValueError(f"batch {B} is not whole groups of group_size={group_size}; pass the GRPO group size")
-    z = torch.randn(B // group_size, n, *shape, device=device, generator=generator)  # [B/G, n, N, C]
-    return z.repeat_interleave(group_size, dim=0)  # [B, n, N, C]
+def build(cfg) -> NFD:
+    """The run's world model from `cfg` (config.Config): the DiT from nfd.init_from and its frozen tokenizer
+    from ae.init_from. RLIR post-trains a pretrained base, so nfd.init_from must be set ("scratch" = random)."""
+    if cfg.nfd.init_from is None:
+        raise UsageError("nfd.init_from is not set: RLIR post-trains a pretrained NFD base model. Make one with "
+                         "`python pretrain.py nfd CONFIG` (NFD weights are not public) and point nfd.init_from at "
+                         "it, or pass --nfd.init_from=scratch for random weights (smoke tests, benchmarks)")
+    model = NFD(cfg.nfd, cfg.ae)
+    if cfg.ae.init_from:
+        load_weights(model.ae, cfg.ae.init_from)
+    if cfg.nfd.init_from != "scratch":
+        load_weights(model, cfg.nfd.init_from)
+    return model
 
 
-def _per_group(draw, B: int, generator) -> torch.Tensor:
-    """draw(rows, generator) -> [rows, ...] for a batch of B: one call for one generator (or None), or, for a
-    list of them, one call per run of B / len(list) consecutive rows, concatenated. train.py passes one
-    generator per GRPO group, seeded by (run seed, step, global prompt index), so a group samples the same
-    whatever the number of ranks."""
-    if not isinstance(generator, (list, tuple)):
-        return draw(B, generator)
-    rows = B // len(generator)
-    if rows * len(generator) != B:
-        raise ValueError(f"{B} rows cannot be split evenly over {len(generator)} generators (one per group)")
-    return torch.cat([draw(rows, g) for g in generator])  # [B, ...]
+def roundtrip(model: NFD, frames: torch.Tensor) -> torch.Tensor:
+    """Frames uint8 [B, F, H, W, 3] through the tokenizer (encode, decode): what a perfect world model can show."""
+    with torch.no_grad():
+        return model.ae.decode(model.ae.encode(frames.flatten(0, 1))).view(frames.shape)  # [B, F, H, W, 3]
 
 
 def cache_frame(model: NFD, ctx: list | None, x: torch.Tensor, act: torch.Tensor, f: int) -> list:
@@ -421,84 +425,108 @@ def cached_velocity(model: NFD, ctx: list, x: torch.Tensor, t: torch.Tensor, act
     return model(x[:, None], t.expand(B, 1), act[:, None], torch.tensor([f], device=dev), ctx=ctx)[0][:, 0]
 
 
-@torch.no_grad()
-def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, sde_cfg: SDEConfig,
-            generator: torch.Generator | list[torch.Generator] | None = None, group_size: int = 1) -> Rollout:
-    """Generate frames 1..F−1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11] with K SDE steps
-    per frame (sde_sampler.sde_step). Frame f is denoised attending to the cached keys/values of clean
-    frames 0..f−1 (computed once per frame, reused across the K steps); no mask is needed because every
-    query may see every cached key and its own frame. Random draws from `generator`, in this order:
-    initial noise of all frames, step selection τ, then the per-step noise (so sample_frames with the
-    same generator starts from the same x_1); a list of generators draws per group of rows (_per_group). With sde.noise_level = 0 the steps are Euler ODE steps and
-    the log-probs are undefined (std = 0: NaN), which only the g = 0 consistency check uses.
-    """
-    B, n_f = action_tokens.shape[:2]
-    _check_clip(model, n_f)
-    K, dev = sde_cfg.steps, x0.device
+def generate(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, solve) -> tuple[torch.Tensor, list]:
+    """Frames 1..F−1 one after another, each by `solve(v_fn, f) -> (x0 latent [B, N, C], extra)` given v_fn,
+    the velocity of frame f attending to the cached keys/values of clean frames 0..f−1 (computed once per
+    frame and reused by every solver step; no mask: every query may see every cached key and its own frame).
+    Returns (latents [B, F, N, C] with x0's encoding first, the F−1 extras)."""
+    _check_clip(model, action_tokens.shape[1])
     act = actions_multi_hot(action_tokens)  # [B, F, A]
-    ts = sde.timesteps(K, sde_cfg.shift).to(dev)  # [K+1]
-    g = sde.diffusion_coeff(ts, sde_cfg)  # [K]
-    shape = (model.n_tok, model.cfg.latent_channels)
-    z1 = _per_group(lambda b, gen: _initial_noise(b, n_f - 1, shape, group_size, sde_cfg.same_noise, gen, dev),
-                    B, generator)  # [B, F-1, N, C]
-    sel = _per_group(lambda b, gen: sde.select_steps(b, K, sde_cfg.tau, gen), B,
-                     generator).to(dev)  # bool [B, K], same steps for every frame
     lat = [model.ae.encode(x0).float()]  # F × [B, N, C]
     ctx = cache_frame(model, None, lat[0], act[:, 0], 0)
-    traj, logp = [], []
-    for f in range(1, n_f):
-        x, xs, lps = z1[:, f - 1], [z1[:, f - 1]], []
-        for k in range(K):
-            v = cached_velocity(model, ctx, x, ts[k], act[:, f], f)  # [B, N, C]
-            noise = _per_group(lambda b, gen: torch.randn(b, *shape, device=dev, generator=gen), B,
-                               generator)  # [B, N, C]
-            x, mean, std = sde.sde_step(x, v, ts[k], ts[k + 1], g[k], noise=noise)  # [B, N, C]
-            lps.append(sde.log_prob(x, mean, std, sde_cfg.logprob_reduce))  # [B]
-            xs.append(x)
+    extras = []
+    for f in range(1, action_tokens.shape[1]):
+        x, extra = solve(lambda x, t: cached_velocity(model, ctx, x, t, act[:, f], f), f)  # [B, N, C]
         lat.append(x)
-        traj.append(torch.stack(xs, dim=1))  # [B, K+1, N, C]
-        logp.append(torch.stack(lps, dim=1))  # [B, K]
-        if f < n_f - 1:  # the clean frame becomes context, computed once and reused by the next K steps
+        extras.append(extra)
+        if f < action_tokens.shape[1] - 1:  # the clean frame becomes context for the frames after it
             ctx = cache_frame(model, ctx, x, act[:, f], f)
-    latents = torch.stack(lat, dim=1)  # [B, F, N, C]
-    gen = model.ae.decode(latents[:, 1:].flatten(0, 1)).view(B, n_f - 1, *x0.shape[1:])  # [B, F-1, H, W, 3]
-    mask = sel[:, None, :].expand(B, n_f - 1, K).reshape(B, -1).float()  # [B, (F-1)K]
-    return Rollout(frames=torch.cat([x0[:, None], gen], dim=1), logp=torch.stack(logp, 1).reshape(B, -1),
-                   mask=mask, latents=latents, traj=torch.stack(traj, dim=1), ts=ts, g=g,
-                   actions=action_tokens.long())
+    return torch.stack(lat, dim=1), extras  # [B, F, N, C]
 
 
-def log_probs(model: NFD, ro: Rollout, sde_cfg: SDEConfig) -> torch.Tensor:
-    """Differentiable log π_θ of the stored transitions, [B, (F−1)·K], 0 where ro.mask is 0.
+def decode_clip(model: NFD, x0: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """x0 [B, H, W, 3] and the latents of frames 0..F−1 [B, F, N, C] -> the clip uint8 [B, F, H, W, 3]."""
+    gen = model.ae.decode(latents[:, 1:].flatten(0, 1)).view(latents.shape[0], -1, *x0.shape[1:])  # [B, F-1, H, W, 3]
+    return torch.cat([x0[:, None], gen], dim=1)  # [B, F, H, W, 3]
 
-    The clean context (ro.latents 0..F−2, t = 0) is run once, block-causally, and its per-layer keys/values
-    are shared by every step index; then each distinct selected step k is one batched forward of the
-    noisy frames 1..F−1 at t_k over [context | noisy] with replay_mask, for the samples that train k.
-    We loop over step indices (at most K−1 forwards, each over ≈τ of the batch) rather than gathering
-    all (sample, step) pairs into one batch: the same work, but peak memory stays at one step's
-    activations per forward and the context is not duplicated |S| times. Replay sees the same context,
-    times and states as the rollout, so on the first pass it returns ro.logp (fp32: to ~1e-5, ratio 1).
-    """
+
+@torch.no_grad()
+def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
+            generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
+    """GRPO sampling: frames 1..F−1 from x0 uint8 [B, H, W, 3] and action_tokens [B, F, 11], each frame by
+    sde_sampler.sample_sde with cfg.sde.steps steps (Eq. 5) of the KV-cached velocity. Random draws from
+    `generator` (one, or one per GRPO group of cfg.rl.group_size rows: sde_sampler.per_group), in this order:
+    the initial noise of all frames, the step selection τ, then each frame's per-step noise (so sample_frames
+    with the same generator starts from the same x_1). With sde.noise_level = 0 the steps are Euler ODE steps
+    and the log-probs are undefined (std = 0: NaN), which only the g = 0 consistency check uses."""
+    s, (B, n_f), dev = cfg.sde, action_tokens.shape[:2], x0.device
+    ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
+    g = sde.diffusion_coeff(ts, s)  # [K]
+    shape = (n_f - 1, model.n_tok, model.cfg.latent_channels)
+    z1 = sde.initial_noise(B, cfg.rl.group_size if s.same_noise else 1, shape, s.same_noise, generator, dev)  # [B, F-1, N, C]
+    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
+
+    def solve(v_fn, f):  # -> (x0 latent [B, N, C], (trajectory [K+1, B, N, C], log-probs [B, K]))
+        x, traj, _, _, lps = sde.sample_sde(v_fn, z1[:, f - 1], ts, g, generator, s.logprob_reduce)
+        return x, (traj, lps)
+
+    latents, extras = generate(model, x0, action_tokens, solve)  # [B, F, N, C]
+    traj = rearrange(torch.stack([t for t, _ in extras]), "f k b n c -> b f k n c")  # [B, F-1, K+1, N, C]
+    logp = torch.stack([lp for _, lp in extras], dim=1).reshape(B, -1)  # [B, (F-1)K]
+    mask = sel[:, None, :].expand(B, n_f - 1, s.steps).reshape(B, -1).float()  # [B, (F-1)K], same steps every frame
+    return Rollout(frames=decode_clip(model, x0, latents), logp=logp, mask=mask, latents=latents, traj=traj,
+                   ts=ts, g=g, actions=action_tokens.long(),
+                   frame_of=torch.arange((n_f - 1) * s.steps, device=dev) // s.steps + 1)
+
+
+def transition_means(model: NFD, ro: Rollout):
+    """μ_θ of the stored transitions, step index by step index: yields (k, rows idx [b] that train step k in
+    some frame, μ [b, F−1, N, C], std s_k). The clean context (ro.latents 0..F−2, t = 0) runs once,
+    block-causally, and its per-layer keys/values are shared by every step; each step is then one batched
+    forward of the noisy frames 1..F−1 at t_k over [context | noisy] with replay_mask. Looping over step
+    indices (at most K−1 forwards, each over ≈τ of the batch) rather than gathering all (sample, step)
+    pairs into one batch is the same work, but peak memory stays at one step's activations."""
     B, n_f = ro.actions.shape[:2]
     n, K = n_f - 1, ro.ts.shape[0] - 1
     act = actions_multi_hot(ro.actions)  # [B, F, A]
-    mask = ro.mask.view(B, n, K)  # [B, F-1, K]
-    rows_per_k = (mask > 0).any(dim=1)  # [B, K]  samples that train step k in some frame
+    rows_per_k = (ro.mask.view(B, n, K) > 0).any(dim=1)  # [B, K]  samples that train step k in some frame
     ctx = context_kv(model, ro.latents[:, :n], torch.zeros(B, n, device=ro.latents.device), act[:, :n])
-    out = []
     for k in range(K):
-        lp = torch.zeros(B, n, device=ro.latents.device)  # [B, F-1]
         idx = rows_per_k[:, k].nonzero().squeeze(1)  # [b]
         if idx.numel():
-            ctx_k = [(ck[idx], cv[idx]) for ck, cv in ctx]
             x_k = ro.traj[idx, :, k]  # [b, F-1, N, C]
-            t_k = ro.ts[k].expand(idx.numel(), n)  # [b, F-1]
-            v = noisy_velocity(model, ctx_k, x_k, t_k, act[idx, 1:])  # [b, F-1, N, C]
+            v = noisy_velocity(model, [(ck[idx], cv[idx]) for ck, cv in ctx], x_k, ro.ts[k].expand(idx.numel(), n),
+                               act[idx, 1:])  # [b, F-1, N, C]
             _, mean, std = sde.sde_step(x_k, v, ro.ts[k], ro.ts[k + 1], ro.g[k], noise=torch.zeros_like(x_k))
-            lp = lp.index_copy(0, idx, sde.log_prob(ro.traj[idx, :, k + 1], mean, std, sde_cfg.logprob_reduce,
-                                                    batch_dims=2))  # [B, F-1]
-        out.append(lp)
-    return (torch.stack(out, dim=2) * mask).reshape(B, -1)  # [B, (F-1)K]
+            yield k, idx, mean, std
+
+
+def log_probs(model: NFD, ro: Rollout, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable log π_θ of the stored transitions [B, (F−1)·K], 0 where ro.mask is 0, reduced over the
+    latent elements with cfg.sde.logprob_reduce; and, if ro.ref holds π_ref's means, the closed-form KL of
+    each transition to π_ref with the same reduction, (μ_θ − μ_ref)² / (2 s_k²) per element (ref §7(G)), so
+    grpo.beta weighs a per-element KL as it weighs AR's per-token one. Replay sees the same context, times
+    and states as the rollout, so on the first pass it returns ro.logp (fp32: to ~1e-5, ratio 1)."""
+    B, n, K = ro.traj.shape[0], ro.traj.shape[1], ro.ts.shape[0] - 1
+    red, zero = cfg.sde.logprob_reduce, ro.latents.new_zeros(B, n)  # [B, F-1]
+    lp, kl = [zero] * K, [zero] * K  # K × [B, F-1]; steps no row trains stay 0
+    for k, idx, mean, std in transition_means(model, ro):
+        lp[k] = zero.index_copy(0, idx, sde.log_prob(ro.traj[idx, :, k + 1], mean, std, red, batch_dims=2))
+        if ro.ref is not None:
+            kl[k] = zero.index_copy(0, idx, sde.kl_to_ref(mean, ro.ref[idx, :, k], std, red, batch_dims=2))
+    mask = ro.mask.view(B, n, K)  # [B, F-1, K]
+    per_entry = [(torch.stack(x, dim=2) * mask).reshape(B, -1) for x in (lp, kl)]  # 2 × [B, (F-1)K]
+    return per_entry[0], None if ro.ref is None else per_entry[1]
+
+
+@torch.no_grad()
+def reference(model: NFD, ro: Rollout, cfg) -> torch.Tensor:
+    """What the KL of log_probs needs from the frozen reference policy: its transition means
+    [B, F−1, K, N, C] (0 at steps no frame of the row trains)."""
+    out = ro.traj.new_zeros(ro.traj.shape[0], ro.traj.shape[1], ro.ts.shape[0] - 1, *ro.traj.shape[3:])
+    for k, idx, mean, _ in transition_means(model, ro):
+        out[idx, :, k] = mean
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -506,27 +534,12 @@ def log_probs(model: NFD, ro: Rollout, sde_cfg: SDEConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_frames(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, sde_cfg: SDEConfig,
+def sample_frames(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Frames uint8 [B, F, H, W, 3] from x0 [B, H, W, 3] and action_tokens [B, F, 11]: each frame solved
-    with sde.eval_solver ("dpm2m" | "euler") over sde.eval_steps on the shifted grid, with the same
+    """Frames uint8 [B, F, H, W, 3] from x0 [B, H, W, 3] and action_tokens [B, F, 11]: each frame solved by
+    sde_sampler.ode_sample (cfg.sde.eval_solver over cfg.sde.eval_steps on the shifted grid) with the same
     KV cache over clean context as rollout. The initial noise is drawn like rollout's (no sharing)."""
     B, n_f = action_tokens.shape[:2]
-    _check_clip(model, n_f)
-    solvers = {"dpm2m": sde.dpm_solver_2m, "euler": sde.euler_sample}
-    if sde_cfg.eval_solver not in solvers:
-        raise ValueError(f"sde.eval_solver={sde_cfg.eval_solver!r} is not one of {sorted(solvers)}; fix the config")
-    dev = x0.device
-    act = actions_multi_hot(action_tokens)  # [B, F, A]
-    ts = sde.timesteps(sde_cfg.eval_steps, sde_cfg.shift).to(dev)  # [S+1]
-    z1 = torch.randn(B, n_f - 1, model.n_tok, model.cfg.latent_channels, device=dev, generator=generator)
-    lat = [model.ae.encode(x0).float()]  # F × [B, N, C]
-    ctx = cache_frame(model, None, lat[0], act[:, 0], 0)
-    for f in range(1, n_f):
-        v_fn = lambda x, t: cached_velocity(model, ctx, x, t, act[:, f], f)  # v_θ(x [B, N, C], t) of frame f
-        x = solvers[sde_cfg.eval_solver](v_fn, z1[:, f - 1], ts)  # [B, N, C]
-        lat.append(x)
-        if f < n_f - 1:
-            ctx = cache_frame(model, ctx, x, act[:, f], f)
-    gen = model.ae.decode(torch.stack(lat[1:], dim=1).flatten(0, 1)).view(B, n_f - 1, *x0.shape[1:])
-    return torch.cat([x0[:, None], gen], dim=1)  # [B, F, H, W, 3]
+    z1 = sde.randn((B, n_f - 1, model.n_tok, model.cfg.latent_channels), generator, x0.device)  # [B, F-1, N, C]
+    latents, _ = generate(model, x0, action_tokens, lambda v_fn, f: (sde.ode_sample(v_fn, z1[:, f - 1], cfg.sde), None))
+    return decode_clip(model, x0, latents)  # [B, F, H, W, 3]

@@ -24,9 +24,6 @@ the two (DESIGN.md, "Go beyond").
 """
 import dataclasses
 import json
-import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,23 +34,12 @@ from tqdm import tqdm
 
 import config
 import data
+import evaluate
 import idm as idm_lib
 import model_ar
 import model_diffusion
-import train
-from config import Config, DataConfig, PretrainConfig
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warmup, then cosine decay from lr to lr / 10."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+import runtime
+from config import Config, DataConfig
 
 
 def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict, list]:
@@ -69,12 +55,12 @@ def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict, lis
     return clips, data.collate(held, offset), held
 
 
-def action_following(model, held: list, cfg: Config, world_model: str, device: torch.device) -> dict:
-    """Judge-IDM macro F1 and PSNR of clips the world model samples from held-out prompts (train.py's
-    evaluation, so the numbers mean what RLIR's before/after rows mean): the base model's distance
-    to the GT row is the headroom RLIR works with, and the figure that says where to stop (README)."""
-    as_stage = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, world_model=world_model))
-    row = train.run_eval(model, held, as_stage, "pretrain", device)
+def action_following(api, model, held: list, cfg: Config, device: torch.device) -> dict:
+    """Judge-IDM macro F1 and PSNR of clips the world model (`api`: model_ar or model_diffusion) samples
+    from held-out prompts, with train.py's evaluation, so the numbers mean what RLIR's before/after rows
+    mean: the base model's distance to the recon row is the headroom RLIR works with, and the figure that
+    says where to stop (README)."""
+    row = evaluate.world_model_rows(api, model, held, cfg, ("pretrain",), device)["pretrain"]
     return {"judge_f1": round(row["judge_f1_macro"], 4), "judge_cam_err": round(row["judge_camera_bin_error"], 3),
             "psnr": round(row["psnr"], 2)}
 
@@ -99,7 +85,7 @@ def noisy_labels(tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.
 def with_label_noise(batches, cfg: Config):
     """The world-model stages' batch stream with pretrain.label_noise applied (its own generator, so
     the batches and the model's noise are those of a clean run)."""
-    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + rank_world()[0])
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 1 + runtime.rank_world()[0])
     for batch in batches:
         yield {**batch, "tokens": noisy_labels(batch["tokens"], cfg.pretrain.label_noise, gen)}
 
@@ -122,11 +108,11 @@ def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.d
     """The loop every stage shares: AdamW with warmup + cosine, gradient clipping, a JSONL log next
     to the checkpoint, a held-out evaluation and a save every `eval_every` steps (rank 0 only)."""
     pc = cfg.pretrain
-    rank, world = rank_world()
+    rank, world = runtime.rank_world()
     out = Path(pc.out or f"assets/minicraft/{name}.pt")
     params = [p for p in params if p.requires_grad]
     print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}, "
-          f"{world} rank(s)")
+          f"{world} rank(s); checkpoint, log and resolved config at {out.with_suffix('')}.*")
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
@@ -134,9 +120,10 @@ def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.d
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         log = open(out.with_suffix(".log.jsonl"), "w")
+        out.with_suffix(".config.yaml").write_text(config.dump(cfg))    # the resolved config, beside the log
     for step in (bar := tqdm(range(pc.steps), desc=name, disable=rank > 0)):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, pc)
+            g["lr"] = pc.lr * runtime.lr_factor(step, pc.steps, pc.warmup)
         with autocast:
             loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -147,7 +134,7 @@ def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.d
         opt.step()
         if rank > 0:
             continue
-        row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": lr_at(step, pc),
+        row = {"step": step + 1, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
                "seconds": round(time.time() - t0, 1)}
         if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
             row.update(evaluate())
@@ -182,8 +169,8 @@ def idm_accuracy(model: idm_lib.IDM, batch: dict, chunk: int = 32) -> dict:
 def train_idm(cfg: Config, device: torch.device) -> None:
     clips, held, _ = clips_and_held_out(cfg)
     init = cfg.pretrain.init_from
-    model = (idm_lib.load(init) if init else idm_lib.IDM.from_config(cfg.idm)).to(device)
-    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world())
+    model = (idm_lib.load(init, "pretrain.init_from") if init else idm_lib.IDM.from_config(cfg.idm)).to(device)
+    batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world())
 
     def loss_fn(step):
         batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -203,7 +190,7 @@ def frame_batches(clips: list, cfg: Config, device: torch.device):
     """Tokenizers see single frames: each call draws this rank's share of batch_size x clip_len
     random frames (each rank its own stream)."""
     frames = torch.from_numpy(np.stack([c[0] for c in clips])).flatten(0, 1)  # [N*16, H, W, 3]
-    rank, world = rank_world()
+    rank, world = runtime.rank_world()
     gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
     n = cfg.pretrain.batch_size * cfg.data.clip_len // world
     return lambda: frames[torch.randint(len(frames), (n,), generator=gen)].to(device)  # [n, H, W, 3]
@@ -213,7 +200,8 @@ def train_vq(cfg: Config, device: torch.device) -> None:
     clips, held, _ = clips_and_held_out(cfg)
     tok = model_ar.Tokenizer(cfg.vq)
     if cfg.pretrain.init_from:
-        model_ar.load_weights(tok, model_ar.read_state_dict(cfg.pretrain.init_from), cfg.pretrain.init_from)
+        sd = model_ar.read_state_dict(cfg.pretrain.init_from, "pretrain.init_from")
+        model_ar.load_weights(tok, sd, cfg.pretrain.init_from)
     tok.to(device)
     sample = frame_batches(clips, cfg, device)
 
@@ -231,20 +219,20 @@ def train_vq(cfg: Config, device: torch.device) -> None:
                 "codes_used": int(ids.unique().numel())}     # a collapsing codebook shows here
 
     fit("vq", cfg, tok.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"state_dict": half(tok)}, out), device)
+        lambda out: runtime.save_atomic({"state_dict": half(tok)}, out), device)
 
 
 def train_ar(cfg: Config, device: torch.device) -> None:
     if cfg.vq.init_from == "scratch" and not cfg.vq.diffusers_config:
-        sys.exit("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
+        raise config.UsageError("pretrain ar: set vq.init_from to a trained tokenizer (python pretrain.py vq ...)")
     clips, held, held_clips = clips_and_held_out(cfg, cfg.ar.n_codes)
     # A fresh transformer (a config's ar.init_from names what RL starts from, not what this trains);
     # --pretrain.init_from continues a run, as in every stage.
     model = model_ar.build_world_model(dataclasses.replace(cfg.ar, init_from="scratch"), cfg.vq)
     if cfg.pretrain.init_from:
-        model_ar.load_checkpoint(model, cfg.pretrain.init_from)
+        model_ar.load_checkpoint(model, cfg.pretrain.init_from, "pretrain.init_from")
     model.to(device)
-    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world(),
+    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world(),
                                             offset=cfg.ar.n_codes), cfg)
 
     def loss_fn(step):                                        # next-token cross-entropy on image
@@ -258,10 +246,10 @@ def train_ar(cfg: Config, device: torch.device) -> None:
         loss = model_ar.lm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device))
         # Sampled clips, not the loss, say how well actions are followed.
         return {"held_out_loss": round(float(loss), 4),
-                **action_following(model, held_clips, cfg, "ar", device)}
+                **action_following(model_ar, model, held_clips, cfg, device)}
 
     fit("ar", cfg, model.transformer.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"state_dict": half(model)}, out), device)
+        lambda out: runtime.save_atomic({"state_dict": half(model)}, out), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +261,7 @@ def train_ae(cfg: Config, device: torch.device) -> None:
     clips, held, _ = clips_and_held_out(cfg)
     ae = model_diffusion.FrameAE(cfg.ae)
     if cfg.pretrain.init_from:
-        model_diffusion.load_weights(ae, cfg.pretrain.init_from)
+        model_diffusion.load_weights(ae, cfg.pretrain.init_from, "pretrain.init_from")
     ae.to(device)
     sample = frame_batches(clips, cfg, device)
 
@@ -289,20 +277,21 @@ def train_ae(cfg: Config, device: torch.device) -> None:
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2)}
 
     fit("ae", cfg, ae.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"model": half(ae)}, out), device)
+        lambda out: runtime.save_atomic({"model": half(ae)}, out), device)
 
 
 def train_nfd(cfg: Config, device: torch.device) -> None:
     if not cfg.ae.init_from:
-        sys.exit("pretrain nfd: set ae.init_from to a trained frame autoencoder (python pretrain.py ae ...)")
+        raise config.UsageError("pretrain nfd: set ae.init_from to a trained frame autoencoder "
+                                "(python pretrain.py ae ...)")
     model = model_diffusion.NFD(cfg.nfd, cfg.ae)
     model_diffusion.load_weights(model.ae, cfg.ae.init_from)
     clips, held, held_clips = clips_and_held_out(cfg)
     if cfg.pretrain.init_from:
-        model_diffusion.load_weights(model, cfg.pretrain.init_from)
+        model_diffusion.load_weights(model, cfg.pretrain.init_from, "pretrain.init_from")
     model.to(device)
-    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *rank_world()), cfg)
-    gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + rank_world()[0])
+    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world()), cfg)
+    gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + runtime.rank_world()[0])
 
     def loss_fn(step):                                        # flow matching, an independent noise
         batch = next(batches)                                 # level per frame (diffusion forcing)
@@ -315,10 +304,10 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
         loss = model_diffusion.fm_loss(model, held["frames"][:32].to(device), held["tokens"][:32].to(device),
                                        torch.Generator(device).manual_seed(0))
         return {"held_out_loss": round(float(loss), 4),
-                **action_following(model, held_clips, cfg, "nfd", device)}
+                **action_following(model_diffusion, model, held_clips, cfg, device)}
 
     fit("nfd", cfg, model.parameters(), loss_fn, evaluate,
-        lambda out: torch.save({"model": half(model)}, out), device)
+        lambda out: runtime.save_atomic({"model": half(model)}, out), device)
 
 
 STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar, "ae": train_ae, "nfd": train_nfd}
@@ -326,25 +315,15 @@ STAGES = {"idm": train_idm, "vq": train_vq, "ar": train_ar, "ae": train_ae, "nfd
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in STAGES:
-        sys.exit(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
+        raise config.UsageError(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
     cfg, _ = config.parse(Config, argv[1:])
-    # The device and process-group rules of train.py: torchrun sets RANK; nccl on GPU, gloo on CPU.
-    device = train.pick_device(cfg.run)
-    use_cuda = device.type == "cuda"
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    device, _, _ = runtime.setup(cfg.run)                     # torchrun sets RANK; nccl on GPU, gloo on CPU
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)                           # same init on every rank
-    if rank_world()[0] == 0:
-        print(config.dump(cfg))
     STAGES[argv[0]](cfg, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    runtime.teardown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    runtime.cli(main)

@@ -14,7 +14,7 @@ All functions are pure (tensors in, tensors out); the world model supplies v_fn(
 """
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -23,14 +23,14 @@ import torch
 class SDEConfig:
     steps: int = 10  # K rollout denoising steps (paper Table 7 "Sampling steps")
     shift: float = 1.0  # time shift s: t ← s·t / (1 + (s − 1)·t); 1 = uniform grid, >1 spends more steps near noise
-    schedule: str = "flow"  # g(t): "flow" = a·sqrt(t/(1 − t̃)) (Flow-GRPO) | "dance" = constant η (DanceGRPO)
+    schedule: Literal["flow", "dance"] = "flow"  # g(t): "flow" = a·sqrt(t/(1 − t̃)) (Flow-GRPO) | "dance" = constant η (DanceGRPO)
     noise_level: float = 0.75  # the a (flow) or η (dance) above; paper Table 7 ε_t = 0.75; 0 = deterministic ODE
-    logprob_reduce: str = "mean"  # over latent elements: "mean" (upstream; implies clip ~1e-4, 0.2 rarely binds)
+    logprob_reduce: Literal["mean", "sum"] = "mean"  # over latent elements: "mean" (upstream; implies clip ~1e-4, 0.2 rarely binds)
     #                               | "sum" (ratio moves D× more in log space; the LLM-style clip 0.2 fits)
     tau: float = 0.6  # timestep selection τ: fraction of the K − 1 non-final steps trained per trajectory (Table 7)
     same_noise: bool = False  # all G rollouts of a group start from the same x_1 (DanceGRPO video; ref §2.4)
     eval_steps: int = 18  # deterministic evaluation steps (paper §5.1: DPM-Solver++, 18 steps)
-    eval_solver: str = "dpm2m"  # evaluation sampler: "dpm2m" (DPM-Solver++ 2M) | "euler"
+    eval_solver: Literal["dpm2m", "euler"] = "dpm2m"  # evaluation sampler: "dpm2m" (DPM-Solver++ 2M) | "euler"
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v_fn(x [B, ...], t 0-d) -> v [B, ...]
@@ -216,28 +216,49 @@ def ode_sample(v_fn: VelocityFn, x1: torch.Tensor, cfg: SDEConfig) -> torch.Tens
     raise ValueError(f"sde.eval_solver={cfg.eval_solver!r} is not 'dpm2m' or 'euler'; fix the config")
 
 
+def per_group(draw: Callable, n: int, generator) -> torch.Tensor:
+    """draw(rows, generator) -> [rows, ...] for a batch of n rows. `generator` is one torch.Generator (or
+    None) for the whole batch, or a list of them, one per run of n / len(list) consecutive rows: train.py
+    passes one per GRPO group, seeded by (run seed, step, global prompt index), so a group samples the
+    same whatever the number of ranks."""
+    if not isinstance(generator, (list, tuple)):
+        return draw(n, generator)
+    rows = n // len(generator)
+    if rows * len(generator) != n:
+        raise ValueError(f"{n} rows cannot be split evenly over {len(generator)} generators (one per group)")
+    return torch.cat([draw(rows, g) for g in generator])  # [n, ...]
+
+
+def randn(shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
+    """N(0, I) draws [n, ...] from one generator or one per group of rows (per_group)."""
+    return per_group(lambda b, g: torch.randn((b, *shape[1:]), generator=g, device=device), shape[0], generator)
+
+
 def initial_noise(n: int, group_size: int, shape: tuple[int, ...], same_noise: bool,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator=None, device=None) -> torch.Tensor:
     """x_1 ~ N(0, I) for n rollouts in consecutive groups of group_size -> [n, *shape]. With
     same_noise every member of a group starts from the same x_1 (ref §7(H)); the per-step SDE noise
-    stays independent, so group members still differ."""
+    stays independent, so group members still differ. `generator`: one, or one per group (per_group)."""
     if group_size < 1 or n % group_size != 0:
         raise ValueError(f"{n} rollouts cannot be split into groups of {group_size}")
     if not same_noise:
-        return torch.randn((n, *shape), generator=generator)  # [n, ...]
-    z = torch.randn((n // group_size, *shape), generator=generator)  # [n_groups, ...]
+        return randn((n, *shape), generator, device)  # [n, ...]
+    z = per_group(lambda b, g: torch.randn((b // group_size, *shape), generator=g, device=device),
+                  n, generator)  # [n_groups, ...]
     return z.repeat_interleave(group_size, dim=0)  # [n, ...]
 
 
 def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Tensor,
-               generator: torch.Generator | None = None, reduce: str = "mean",
+               generator=None, reduce: str = "mean",
                batch_dims: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Roll out the SDE of sde_step along ts [K+1] with coefficients g [K] (a GRPO rollout).
+    """Roll out the SDE of sde_step along ts [K+1] with coefficients g [K] (a GRPO rollout; the NFD world
+    model passes its KV-cached velocity of one frame as v_fn).
 
     Returns (x0 [B, ...], trajectory [K+1, B, ...] with trajectory[0] = x1, means [K, B, ...],
     stds [K], log_probs [batch..., K]) all float32, where batch... are the first `batch_dims` dims
     of x1 (as in log_prob); log_probs[..., k] is the log-density of trajectory[k] → trajectory[k+1]
-    (undefined where g_k = 0). Noise comes from `generator`, so a fixed seed replays the rollout.
+    (undefined where g_k = 0). Noise comes from `generator` (one, or one per group of rows: per_group),
+    so a fixed seed replays the rollout.
     """
     K = ts.shape[0] - 1
     if g.shape != (K,):
@@ -246,7 +267,7 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
     traj, means, stds, lps = [x], [], [], []
     for k in range(K):
         v = v_fn(x, ts[k])  # [B, ...]
-        x, mean, std = sde_step(x, v, ts[k], ts[k + 1], g[k], generator=generator)
+        x, mean, std = sde_step(x, v, ts[k], ts[k + 1], g[k], noise=randn(x.shape, generator, x.device))
         traj.append(x)
         means.append(mean)
         stds.append(std.reshape(()))

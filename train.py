@@ -5,6 +5,7 @@ times with the world model, let the reward IDM read the actions back from every 
 (Eq. 3), turn rewards into group-relative advantages (Eq. 1), recompute log-probs under the current
 weights with the action tokens masked (§4.2), and step AdamW on the clipped surrogate (Eq. 2).
 
+    make train                                                   # the same, creating .venv first if needed
     python train.py                                              # embedded world, NFD, CPU (minicraft_nfd.yaml)
     python train.py configs/minicraft_ar.yaml                    # embedded world, AR, CPU
     python train.py configs/minicraft_ar.yaml --rl.reward=pixel  # the RLVR-World baseline (Eq. 6)
@@ -24,11 +25,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -44,87 +42,39 @@ import grpo
 import idm as idm_lib
 import model_ar
 import model_diffusion
-from config import Config
+import runtime
+from config import Config, UsageError
 
 # ---------------------------------------------------------------------------------------------
-# The world model behind four calls (DESIGN.md: both world models expose the same ones).
+# The world model: model_ar.py or model_diffusion.py, behind the same calls (DESIGN.md):
+#   build(cfg), rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg)
+#   -> (log-probs [B, L], KL to π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...),
+#   roundtrip(model, frames); a Rollout carries frames, logp, mask and frame_of (the frame of each
+#   entry), and model.action_offset is where its action token ids start.
 # ---------------------------------------------------------------------------------------------
 
 
-def build_world_model(cfg: Config):
-    if cfg.run.world_model == "ar":
-        return model_ar.build_world_model(cfg.ar, cfg.vq)
-    if cfg.run.world_model == "nfd":
-        if cfg.nfd.init_from is None:
-            sys.exit("nfd.init_from is not set: RLIR post-trains a pretrained NFD base model. Make one with "
-                     "`python pretrain.py nfd CONFIG` (NFD weights are not public) and point nfd.init_from "
-                     "at it, or pass --nfd.init_from=scratch to run from random weights (smoke tests, "
-                     "benchmarks).")
-        model = model_diffusion.NFD(cfg.nfd, cfg.ae)
-        if cfg.ae.init_from:
-            model_diffusion.load_weights(model.ae, cfg.ae.init_from)
-        if cfg.nfd.init_from != "scratch":
-            model_diffusion.load_weights(model, cfg.nfd.init_from)
-        return model
-    raise ValueError(f"run.world_model={cfg.run.world_model!r}: expected 'ar' or 'nfd'")
-
-
-def pick_device(run) -> torch.device:
-    """run.device "auto" means CUDA when present; under torchrun each process takes GPU LOCAL_RANK."""
-    use_cuda = run.device == "cuda" or (run.device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-
-
-def action_offset(cfg: Config) -> int:
-    """Action token ids start after the image codes (MineWorld: 8192; NFD reads them minus 8192)."""
-    return cfg.ar.n_codes if cfg.run.world_model == "ar" else 8192
-
-
-def rollout(model, x0, tokens, cfg: Config, generator):
-    """Sample clips for training: frames, old log-probs and the loss mask, plus what replay needs.
-    AR: per image token (§4.2). NFD: per (frame, denoising step) of the SDE (§4.3)."""
-    if cfg.run.world_model == "ar":
-        return model_ar.rollout(model, x0, tokens, cfg.ar.temperature, cfg.ar.top_p, generator)
-    return model_diffusion.rollout(model, x0, tokens, cfg.sde, generator, cfg.rl.group_size)
-
-
-def log_probs(model, ro, cfg: Config) -> torch.Tensor:
-    """Differentiable log-probs of the rollout's choices under the current weights, [B, L]."""
-    if cfg.run.world_model == "ar":
-        return model_ar.log_probs(model, ro)
-    return model_diffusion.log_probs(model, ro, cfg.sde)
-
-
-@torch.no_grad()
-def replay_log_probs(model, ro, cfg: Config) -> torch.Tensor:
-    """log_probs of the whole rollout without gradient, rl.micro_batch rows per forward, [B, L]: π_old
-    (the same forward as the update, so the first ratio is exactly 1) and the reference policy."""
-    mb = cfg.rl.micro_batch
-    return torch.cat([log_probs(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)])
-
-
-def per_entry(adv: torch.Tensor, ro, cfg: Config) -> torch.Tensor:
-    """Per-frame advantages [B, F-1] (frames 1..F-1) -> one per log-prob entry [B, L] (rl.credit "frame").
-    AR: entry j belongs to frame j // frame_len (its image tokens, then the next action's; frame 0 is the
-    prompt). NFD: entry (f-1)·K + k is step k of frame f."""
-    cols = torch.arange(ro.mask.shape[1], device=adv.device)  # [L]
-    frame = cols // cfg.ar.frame_len if cfg.run.world_model == "ar" else cols // len(ro.g) + 1  # [L]
-    return torch.nn.functional.pad(adv, (1, 0))[:, frame]  # [B, L]; frame 0's entries are masked anyway
-
-
-def sample(model, x0, tokens, cfg: Config, generator=None) -> torch.Tensor:
-    """Evaluation sampling (MineWorld: top-p 0.8; NFD: DPM-Solver++ 18 steps), [B, 16, H, W, 3]."""
-    if cfg.run.world_model == "ar":
-        return model_ar.sample_frames(model, x0, tokens, generator=generator)
-    return model_diffusion.sample_frames(model, x0, tokens, cfg.sde, generator)
+def world_model(cfg: Config):
+    """(the world model's module, the model built from cfg): the one place the paradigm is chosen."""
+    api = {"ar": model_ar, "nfd": model_diffusion}[cfg.run.world_model]
+    return api, api.build(cfg)
 
 
 def slice_rollout(ro, i: int, j: int):
     """Rows i..j of a rollout. Per-sample fields are at least 2-D and batch-first; 1-D ones (the
-    diffusion time grid and coefficients) are shared by all rows."""
+    diffusion time grid and coefficients, frame_of) are shared by all rows."""
     return dataclasses.replace(ro, **{f.name: getattr(ro, f.name)[i:j] for f in dataclasses.fields(ro)
                                       if torch.is_tensor(getattr(ro, f.name))
                                       and getattr(ro, f.name).ndim >= 2})
+
+
+@torch.no_grad()
+def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
+    """fn(model, rows, cfg) over the rollout without gradient, rl.micro_batch rows per forward: π_old
+    (api.log_probs, the same forward as the update, so the first ratio is exactly 1) and π_ref (api.reference)."""
+    mb = cfg.rl.micro_batch
+    parts = [fn(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)]
+    return torch.cat([p[0] if isinstance(p, tuple) else p for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,27 +84,34 @@ def load_reward_idm(cfg: Config, device) -> idm_lib.IDM:
     if cfg.rl.vpt_idm:
         model_path, _, weights_path = cfg.rl.vpt_idm.partition(",")
         return idm_lib.load_vpt(model_path, weights_path).to(device)
-    return idm_lib.load(cfg.rl.reward_idm).to(device)
+    return idm_lib.load(cfg.rl.reward_idm, "rl.reward_idm").to(device)
 
 
-@torch.no_grad()
-def rewards(frames: torch.Tensor, batch: dict, cfg: Config, reward_idm, lpips_fn) -> torch.Tensor:
-    """The reward of every generated frame, [B, 15]; a clip's reward is their mean. frames uint8
-    [B, 16, H, W, 3]; batch holds the given actions' groups and the ground-truth frames (only the
-    pixel reward looks at those)."""
+def reward_fn(cfg: Config, device):
+    """reward(frames uint8 [B, 16, H, W, 3], batch) -> the reward of every generated frame [B, 15]; a clip's
+    reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
+    reward looks at those)."""
     if cfg.rl.reward == "idm":
-        buttons, cam = idm_lib.predict(reward_idm, frames)     # [B, 16, 20], [B, 16, 2]
-        pred = data.action_groups(buttons, cam)                # [B, 16, 9]
-        return idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
-                                      per_frame=True)          # [B, 15], Eq. 3's terms
-    if cfg.rl.reward == "pixel":                               # Eq. 6, per frame
-        x = frames[:, 1:].float() / 255                        # [B, 15, H, W, 3]
+        reward_idm = load_reward_idm(cfg, device)
+
+        def inverse(frames, batch):
+            buttons, cam = idm_lib.predict(reward_idm, frames)     # [B, 16, 20], [B, 16, 2]
+            pred = data.action_groups(buttons, cam)                # [B, 16, 9]
+            return idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
+                                          per_frame=True)          # [B, 15], Eq. 3's terms
+        return inverse
+    lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0]
+
+    @torch.no_grad()
+    def pixel(frames, batch):                                      # Eq. 6, per frame
+        x = frames[:, 1:].float() / 255                            # [B, 15, H, W, 3]
         y = batch["frames"][:, 1:].to(x.device).float() / 255
-        loss = (x - y).abs().mean((2, 3, 4))                   # [B, 15] L1
+        loss = (x - y).abs().mean((2, 3, 4))                       # [B, 15] L1
         if lpips_fn is not None:
-            loss = loss + evaluate.lpips_distance(lpips_fn, x.flatten(0, 1), y.flatten(0, 1)).view(loss.shape)
+            lp = evaluate.lpips_distance(lpips_fn.to(x.device), x.flatten(0, 1), y.flatten(0, 1))
+            loss = loss + lp.view(loss.shape)                      # + LPIPS where a backbone is given
         return -loss
-    raise ValueError(f"rl.reward={cfg.rl.reward!r}: expected 'idm' (Eq. 3) or 'pixel' (Eq. 6)")
+    return pixel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,36 +188,22 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: Config) -> No
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict(), "step": step, "config": config.to_dict(cfg),
              "rng": rng_state()}
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:                                 # temp file, fsync, rename: a kill at
-        torch.save(state, f)                                   # any moment leaves the old or new file
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)                 # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    runtime.save_atomic(state, path)
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> int:
     fix = f"rerun with the config it was saved with ({path.parent / 'config.yaml'}) or a new --run.out"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:                                     # torn, foreign or malicious file
-        sys.exit(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 f"delete it to start over, or {fix}")
+    state = runtime.read_checkpoint(str(path), "the run's ckpt.pt")   # torn, foreign or malicious: one line
     missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng") if k not in state]
     if missing:
-        sys.exit(f"{path} lacks {missing}: not a train.py checkpoint; delete it or {fix}")
+        raise UsageError(f"{path} lacks {missing}: not a train.py checkpoint; delete it or {fix}")
     own = model.state_dict()
     absent = sorted(set(own) - set(state["model"]))
     extra = sorted(set(state["model"]) - set(own))
     shapes = [f"{k} {list(v.shape)} != {list(own[k].shape)}" for k, v in state["model"].items()
               if k in own and v.shape != own[k].shape]
     if absent or extra or shapes:
-        sys.exit(f"{path} does not fit this model: missing keys {absent}, unexpected keys {extra}, "
+        raise UsageError(f"{path} does not fit this model: missing keys {absent}, unexpected keys {extra}, "
                  f"mis-shaped {shapes}; {fix}")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -285,21 +228,56 @@ def trim_log(path: Path, step: int) -> None:
     path.write_text("".join(rows))
 
 
-def accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg: Config, total: float) -> tuple[list, list]:
-    """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so
-    the gradients add up to the whole batch's (`total`: the tokens per rank, for "token"
-    aggregation). Under DDP the gradients are all-reduced once, with the last micro-batch. Returns
-    the micro-batches' losses and (weight, health statistics) pairs."""
-    n, mb = len(ro.mask), cfg.rl.micro_batch
+# ---------------------------------------------------------------------------------------------
+# One GRPO iteration in two stages (§4): collect experience, then update the policy on it.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Experience:
+    ro: object                   # the world model's Rollout; ro.ref holds π_ref's replay when β > 0
+    rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6)
+    old: torch.Tensor            # [P/world * G, L] log π_old of this rank's rollouts
+    adv: torch.Tensor | None     # [P/world * G] per clip or [P/world * G, L] per entry; None if a reward is not finite
+    stats: dict                  # group statistics of Eq. 1 (reward mean/std, zero-std groups, ...)
+
+
+def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, dict]:
+    """Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows: one advantage per
+    clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame")."""
+    G = cfg.rl.group_size
+    adv, stats = grpo.group_advantages(r.mean(1) if cfg.rl.credit == "clip" else r, G, cfg.grpo)  # [P*G(, 15)]
+    adv = local_rows(adv, rank, world, G)                      # [P/world * G(, 15)]
+    return (grpo.frame_credit(adv, ro.frame_of) if cfg.rl.credit == "frame" else adv), stats
+
+
+def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int) -> Experience:
+    """Roll out G clips per prompt (batch rows are groups of G), score every frame (Eq. 3 or 6), form the
+    advantages (Eq. 1) and replay the rollouts for π_old and, if β > 0, the frozen reference π_ref."""
+    model.eval()
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
+    r = gather_rewards(reward(ro.frames, batch).float(), world, cfg.rl.group_size)   # [P * G, 15]
+    old = replay(api.log_probs, model, ro, cfg)                # π_old, [P/world * G, L]
+    if ref is not None:
+        ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
+    adv, stats = advantages(r, ro, cfg, rank, world) if torch.isfinite(r).all() else (None, {})  # r is global
+    return Experience(ro, r, old, adv, stats)
+
+
+def backward(train_model, api, exp: Experience, cfg: Config) -> tuple[list, list]:
+    """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so the
+    gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). Under
+    DDP the gradients are all-reduced once, with the last micro-batch. Returns the micro-batches' losses
+    and (weight, health statistics) pairs."""
+    ro, n, mb = exp.ro, len(exp.ro.mask), cfg.rl.micro_batch
     ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
     losses, stats = [], []
     for i in range(0, n, mb):
         part = slice_rollout(ro, i, i + mb)
         sync = not ddp or i + mb >= n                          # all-reduce gradients once, at the end
         with contextlib.nullcontext() if sync else train_model.no_sync():
-            lp = log_probs(train_model, part, cfg)
-            loss, st = grpo.policy_loss(lp, old[i:i + mb], adv[i:i + mb], part.mask, cfg.grpo,
-                                        None if ref_lp is None else ref_lp[i:i + mb])   # Eq. 2
+            lp, kl = api.log_probs(train_model, part, cfg)
+            loss, st = grpo.policy_loss(lp, exp.old[i:i + mb], exp.adv[i:i + mb], part.mask, cfg.grpo, kl)  # Eq. 2
             weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
             (loss * weight).backward()                         # a NaN reaches every rank's gradient
         losses.append(loss.detach())
@@ -307,21 +285,66 @@ def accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg: Config, total: 
     return losses, stats
 
 
+def update(train_model, api, opt, params: list, exp: Experience, cfg: Config, device) -> tuple[dict, str | None]:
+    """One AdamW step on Eq. 2 unless something is not finite (reward, advantage, log-prob, loss or gradient
+    norm, on any rank): then nothing changes, neither the weights nor AdamW's moments. Returns the log row's
+    entries and the reason for a skip (None if the step was taken)."""
+    why = first_nonfinite({"reward": exp.rewards, "advantage": exp.adv, "log-prob": exp.old,
+                           "reference": exp.ro.ref}, device)  # the same verdict on every rank (DDP lockstep)
+    train_model.train()
+    opt.zero_grad(set_to_none=True)
+    if why is None:
+        losses, stats = backward(train_model, api, exp, cfg)
+        why = first_nonfinite({"loss": torch.stack(losses)}, device)
+    if why is None:                                            # gradients are all-reduced by now,
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.rl.grad_clip)     # so the norm is global
+        why = None if torch.isfinite(norm) else "gradient"
+    if why is not None:
+        opt.zero_grad(set_to_none=True)
+        return {"skipped": f"non-finite {why}"}, why
+    opt.step()
+    keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref") if stats[0][1].get(k) is not None]
+    local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {**{k: v / world for k, v in zip(keys, across_ranks(local, "sum", device))}, "grad_norm": float(norm)}, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the paper's protocol on held-out clips (evaluate.py), reward and judge IDMs.
 # ---------------------------------------------------------------------------------------------
-def run_eval(model, clips, cfg: Config, name: str, device, videos: list | None = None,
-             scorers: evaluate.Scorers | None = None) -> dict:
-    """One row of evaluate.py's table; `videos` (a list) receives the first eval.videos clips;
-    `scorers` (evaluate.load_scorers) are loaded here when not given."""
-    model.eval()
-    offset = action_offset(cfg)
+def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path) -> None:
+    """Rows gt, recon (the tokenizer's bound), before and, if eval.best_of, best_of (the reward IDM's pick of
+    eval.best_of base samples) into results.json; the before videos kept for the side-by-side video."""
+    videos, names = [], ("recon", "before", "best_of") if cfg.eval.best_of else ("recon", "before")
+    best_by = reward_fn(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device) \
+        if cfg.eval.best_of else None
+    results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
+               **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    torch.save(torch.cat(videos) if videos else torch.empty(0), out / "videos_before.pt")
+    tqdm.write(evaluate.markdown_table(list(results.values())))
 
-    def generate(x0, batch):
-        gen = torch.Generator(device=device).manual_seed(cfg.run.seed)   # same noise every eval
-        return sample(model, x0.to(device), batch["tokens"].to(device) - 8192 + offset, cfg, gen)
 
-    return evaluate.evaluate(generate, clips, cfg.eval, name, scorers, videos)
+def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) -> None:
+    """Row after into results.json, the table printed, side_by_side.mp4 (GT | before | after, clip by clip)."""
+    results, videos = json.loads((out / "results.json").read_text()), []
+    results.update(evaluate.world_model_rows(api, model, held, cfg, ("after",), device, None, scorers, videos))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(evaluate.markdown_table(list(results.values())))
+    if videos:
+        gt = data.collate(held[:cfg.eval.videos])["frames"]     # [n, 16, H, W, 3]
+        before = torch.load(out / "videos_before.pt", weights_only=True)
+        evaluate.write_side_by_side(out / "side_by_side.mp4", [gt, before, torch.cat(videos)], cfg.eval.fps)
+
+
+def check_batch(rl, world: int) -> None:
+    """Each GRPO group lives on one rank (its advantages then need no communication): checked before any work."""
+    if world > rl.prompts or rl.prompts % world:
+        raise UsageError(f"rl.prompts={rl.prompts} prompts per step cannot be split over {world} ranks: each GRPO "
+                         f"group lives on one rank, so launch a divisor of rl.prompts ranks or change rl.prompts")
+    if min(rl.group_size, rl.micro_batch, rl.max_bad_steps, rl.steps) < 1:
+        raise UsageError(f"rl.group_size={rl.group_size}, rl.micro_batch={rl.micro_batch}, rl.steps={rl.steps} and "
+                         f"rl.max_bad_steps={rl.max_bad_steps} must all be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,118 +357,58 @@ def main(argv: list[str]) -> None:
     if all(a.startswith("--") for a in argv):                 # no YAML: the embedded NFD default
         argv = [str(DEFAULT_CONFIG), *argv]
     cfg, name = config.parse(Config, argv)
-    # One code path for CPU and 1..N GPUs: torchrun sets RANK; gloo on CPU, nccl on GPU.
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(cfg.run)
-    use_cuda = device.type == "cuda"
-    rl = cfg.rl
-    if world > rl.prompts:                                     # checked before any work
-        sys.exit(f"{world} ranks but only rl.prompts={rl.prompts} prompts per step: each GRPO group "
-                 f"lives on one rank, so launch at most {rl.prompts} ranks or raise rl.prompts")
-    if rl.prompts % world:
-        sys.exit(f"rl.prompts={rl.prompts} must be a multiple of the {world} ranks: each group "
-                 f"lives on one rank (its advantages then need no communication)")
-    if rl.credit not in ("clip", "frame"):
-        sys.exit(f"rl.credit={rl.credit!r}: expected 'clip' (Eq. 1-3) or 'frame' (per-frame advantages)")
-    if rl.group_size < 1 or rl.micro_batch < 1 or rl.max_bad_steps < 1:
-        sys.exit(f"rl.group_size={rl.group_size}, rl.micro_batch={rl.micro_batch} and "
-                 f"rl.max_bad_steps={rl.max_bad_steps} must all be >= 1")
-    if ddp:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
+    rl, G = cfg.rl, cfg.rl.group_size
+    device, rank, world = runtime.setup(cfg.run)
+    check_batch(rl, world)
     out = Path(cfg.run.out or f"out/{name}")
-    log0 = print if rank == 0 else (lambda *a, **k: None)
+    say = tqdm.write if rank == 0 else (lambda *a, **k: None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.dump(cfg))
-        log0(config.dump(cfg))
+    say(f"{name}: {cfg.run.world_model} world model on {device} x {world}, {rl.steps} GRPO steps of {rl.prompts} "
+        f"prompts x G {G}, reward {rl.reward}; run folder {out} (resolved config in config.yaml)")
     torch.manual_seed(cfg.run.seed)
 
     # Data: RL prompts from their own worlds; held-out clips for evaluation from others.
     prompts, skips = data.load_clips(dataclasses.replace(cfg.data, seed=rl.prompt_seed))
-    held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed,
-                                                  max_clips=cfg.eval.clips))
-    log0(f"{len(prompts)} prompt clips, {len(held)} held-out clips; skipped {dict(skips.counts)}")
-
-    # Models: the policy, its frozen reference (only if β > 0), the reward IDM.
-    model = build_world_model(cfg).to(device)
-    ref = build_world_model(cfg).to(device).eval() if cfg.grpo.beta > 0 else None
-    reward_idm = load_reward_idm(cfg, device) if rl.reward == "idm" else None
-    lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0] if rl.reward == "pixel" else None
-    lpips_fn = lpips_fn.to(device) if lpips_fn is not None else None
+    held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))
+    say(f"{len(prompts)} prompt clips, {len(held)} held-out clips" + (f"; skipped {dict(skips.counts)}"
+                                                                       if skips.counts else ""))
+    # Models: the policy, its frozen reference (only if β > 0), the reward.
+    api, model = world_model(cfg)
+    model.to(device)
+    ref = world_model(cfg)[1].to(device).eval() if cfg.grpo.beta > 0 else None
+    reward = reward_fn(cfg, device)
     scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, rl.warmup))
-                                              * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / rl.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: runtime.lr_factor(s, rl.steps, rl.warmup))
     ckpt, start = out / "ckpt.pt", 0
     if ckpt.exists():
         start = load_checkpoint(ckpt, model, opt, sched)
-        log0(f"resumed from {ckpt} at step {start}")
+        say(f"resumed from {ckpt} at step {start}")
         if rank == 0:
             trim_log(out / "log.jsonl", start)
     stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-
-    results = {}
     if rank == 0 and start == 0:
-        results["gt"] = evaluate.evaluate_gt(held, cfg.eval, scorers)
-        videos = []                                            # kept for the side-by-side video
-        results["before"] = run_eval(model, held, cfg, "before", device, videos, scorers)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        torch.save(torch.cat(videos) if videos else torch.empty(0), out / "videos_before.pt")
-        print(evaluate.markdown_table([results["gt"], results["before"]]))
-    batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, action_offset(cfg))
-    G, bad = rl.group_size, 0
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+        evaluate_before(api, model, held, cfg, device, scorers, out)
+
+    batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, model.action_offset,
+                           cfg.data.camera_tokens)
+    bad, log = 0, open(out / "log.jsonl", "a") if rank == 0 else None
     for step in (bar := tqdm(range(start, rl.steps), desc="rlir", disable=rank > 0)):
         t0 = time.time()
-        batch = {k: v.repeat_interleave(G, 0) for k, v in next(batches).items()}  # groups of G
-        model.eval()
+        batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in next(batches).items()}  # groups of G
         gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)  # one per group
-        ro = rollout(model, batch["frames"][:, 0].to(device), batch["tokens"].to(device), cfg, gens)
-        r = rewards(ro.frames, batch, cfg, reward_idm, lpips_fn)   # [P/world*G, 15] per frame
-        r = gather_rewards(r.mean(1) if rl.credit == "clip" else r, world, G)  # [P*G] Eq. 3/6, or [P*G, 15]
-        old = replay_log_probs(model, ro, cfg)                 # π_old, [P/world * G, L]
-        ref_lp = replay_log_probs(ref, ro, cfg) if ref is not None else None
-        row, adv = {"step": step + 1}, None
-        if torch.isfinite(r).all():                            # r is global: every rank agrees
-            adv_all, st = grpo.group_advantages(r.float(), G, cfg.grpo)      # Eq. 1, [P*G(, 15)]
-            adv = local_rows(adv_all, rank, world, G)          # [P/world * G(, 15)]
-            adv = per_entry(adv, ro, cfg) if rl.credit == "frame" else adv  # [P/world * G(, L)]
-            row.update(st)
-        # Non-finite guard: every rank reaches the same verdict before any backward (DDP lockstep).
-        why = first_nonfinite({"reward": r, "advantage": adv,
-                               "log-prob": old, "reference log-prob": ref_lp}, device)
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        total = across_ranks([float(ro.mask.sum())], "sum", device)[0] / world   # tokens per rank
-        if why is None:
-            losses, stats = accumulate_gradients(train_model, ro, old, adv, ref_lp, cfg, total)  # Eq. 2
-            why = first_nonfinite({"loss": torch.stack(losses)}, device)
-        if why is None:                                        # gradients are all-reduced by now,
-            norm = torch.nn.utils.clip_grad_norm_(params, rl.grad_clip)      # so the norm is global
-            why = None if torch.isfinite(norm) else "gradient"
-        if why is None:
-            opt.step()
-            bad = 0
-            keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref")
-                    if stats[0][1].get(k) is not None]
-            local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
-            row.update({k: v / world for k, v in zip(keys, across_ranks(local, "sum", device))})
-            row["grad_norm"] = float(norm)
-        else:                                                  # a skipped step changes nothing:
-            opt.zero_grad(set_to_none=True)                    # weights and AdamW moments untouched
-            bad += 1
-            row["skipped"] = f"non-finite {why}"
-            log0(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
+        exp = collect(api, model, ref, batch, reward, cfg, gens, rank, world)
+        row, why = update(train_model, api, opt, params, exp, cfg, device)
+        bad = bad + 1 if why else 0
+        if why:
+            say(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
         sched.step()                                           # the LR stays a function of the step
-        row.update(lr=sched.get_last_lr()[0], seconds=round(time.time() - t0, 2))
+        row = {"step": step + 1, **exp.stats, **row, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
         sigterm = across_ranks([float(stop["sigterm"])], "max", device)[0] > 0
         if rank == 0:
             log.write(json.dumps(row) + "\n")
@@ -453,36 +416,27 @@ def main(argv: list[str]) -> None:
             bar.set_postfix(reward=round(row.get("reward_mean", float("nan")), 3))
             done = step + 1 == rl.steps
             if rl.eval_every and (step + 1) % rl.eval_every == 0 and not done:
-                bar.write(json.dumps(run_eval(model, held, cfg, f"step {step + 1}", device, None, scorers)))
+                name = f"step {step + 1}"
+                bar.write(json.dumps(evaluate.world_model_rows(api, model, held, cfg, (name,), device, None, scorers)[name]))
             if (step + 1) % rl.save_every == 0 or done or sigterm:
                 save_checkpoint(ckpt, model, opt, sched, step + 1, cfg)
         if bad >= rl.max_bad_steps:
             signal.signal(signal.SIGTERM, previous_handler)
-            sys.exit(f"stopping at step {step + 1}: {bad} consecutive skipped steps (last: non-finite "
-                     f"{why}; rl.max_bad_steps={rl.max_bad_steps}); fix the cause and rerun to resume from {ckpt}")
+            raise UsageError(f"stopping at step {step + 1}: {bad} consecutive skipped steps (last: non-finite {why}; "
+                             f"rl.max_bad_steps={rl.max_bad_steps}); fix the cause and rerun to resume from {ckpt}")
         if sigterm:
-            log0(f"SIGTERM: saved {ckpt} at step {step + 1}; rerun the same command to resume")
+            say(f"SIGTERM: saved {ckpt} at step {step + 1}; rerun the same command to resume")
             break
     else:
         if rank == 0:
-            results = json.loads((out / "results.json").read_text())   # gt, before
-            videos = []
-            results["after"] = run_eval(model, held, cfg, "after", device, videos, scorers)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
-            print(evaluate.markdown_table(list(results.values())))
-            if videos:                                         # GT | before | after, clip by clip
-                gt = data.collate(held[:cfg.eval.videos])["frames"]          # [n, 16, H, W, 3]
-                before = torch.load(out / "videos_before.pt", weights_only=True)
-                evaluate.write_side_by_side(out / "side_by_side.mp4", [gt, before, torch.cat(videos)],
-                                            cfg.eval.fps)
+            evaluate_after(api, model, held, cfg, device, scorers, out)
     if log is not None:
         log.close()
     # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.
     print(f"rank {rank}/{world}: weights sha256 {fingerprint(model)}", flush=True)
     signal.signal(signal.SIGTERM, previous_handler)
-    if ddp:
-        dist.destroy_process_group()
+    runtime.teardown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    runtime.cli(main)

@@ -1,23 +1,36 @@
-"""bench.py runs end to end on tiny models and reports every figure the README quotes."""
+"""bench.py's arithmetic: the gradient noise scale and MFU on hand-worked numbers, and the gradient cosines
+of --gradient-noise on tiny models."""
 import pytest
 import torch
 
 import bench
-from test_train import assets, tiny_cfg  # noqa: F401  (the module-scoped tiny models)
-
-TINY = ["--run.threads=1", "--rl.group_size=2", "--ar.hidden=32", "--ar.intermediate=64",
-        "--ar.heads=2", "--ar.kv_heads=1", "--ar.layers=1", "--ar.frames=3", "--vq.channels=8",
-        "--nfd.hidden=32", "--nfd.mlp=64", "--nfd.heads=2", "--nfd.layers=1", "--nfd.frames=3",
-        "--sde.steps=3"]
+from conftest import tiny_cfg
 
 
-def test_bench_reports_every_figure(capsys):
-    res = bench.main(TINY)
-    for key in ("minicraft_frames_per_s", "ar_kv_cache_speedup", "ar_batched_group_speedup",
-                "nfd_batched_replay_speedup", "grpo_update_mfu", "peak_rss_mb"):
-        assert res[key] > 0, key
-    assert 0 < res["grpo_update_mfu"] < 1
-    assert "| ar_kv_cache_speedup |" in capsys.readouterr().out
+def test_noise_scale_by_hand():
+    # g1 = (2, 1), g2 = (1, 2), g3 = (2, 2), batches of n = 4.
+    # |E g|² ≈ mean of g_i·g_j over i < j = (4 + 6 + 6) / 3 = 16/3
+    # tr(Σ) / n ≈ mean |g_i|² − 16/3 = (5 + 5 + 8) / 3 − 16/3 = 2/3, so tr(Σ) = 4 · 2/3 = 8/3
+    # noise scale = tr(Σ) / |E g|² = (8/3) / (16/3) = 0.5
+    grads = [torch.tensor([2.0, 1.0]), torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])]
+    assert bench.noise_scale(grads, 4) == pytest.approx(0.5, abs=1e-6)
+    # Four batches in 3 dims, n = 10: g1 = (1, 0, 0), g2 = (1, 1, 0), g3 = (1, 0, 1), g4 = (1, 1, 1).
+    # pair dots: g1·g2 = g1·g3 = g1·g4 = 1, g2·g3 = 1, g2·g4 = g3·g4 = 2: |E g|² ≈ 8/6 = 4/3
+    # mean |g_i|² = (1 + 2 + 2 + 3) / 4 = 2: tr(Σ) ≈ 10 · (2 − 4/3) = 20/3; noise scale = (20/3) / (4/3) = 5
+    grads = [torch.tensor(g) for g in ([1.0, 0, 0], [1.0, 1, 0], [1.0, 0, 1], [1.0, 1, 1])]
+    assert bench.noise_scale(grads, 10) == pytest.approx(5.0, abs=1e-6)
+
+
+def test_noise_scale_is_inf_without_signal():
+    # opposite gradients: g1·g2 = −1 < 0; orthogonal ones: g1·g2 = 0. Neither estimates a positive |E g|².
+    assert bench.noise_scale([torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])], 8) == float("inf")
+    assert bench.noise_scale([torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], 8) == float("inf")
+
+
+def test_update_mfu_by_hand():
+    # 1M parameters, 2048 tokens: 6 · 1e6 · 2048 = 1.2288e10 FLOPs; in 0.5 s that is 2.4576e10 FLOP/s,
+    # against a 1e11 FLOP/s peak: 0.24576.
+    assert bench.update_mfu(1_000_000, 2048, 0.5, 1e11) == pytest.approx(0.24576, rel=1e-12)
 
 
 def test_gradient_noise_is_one_for_equal_batches_and_lower_for_independent_ones(assets):  # noqa: F811
@@ -38,3 +51,15 @@ def test_noise_scale_recovers_a_known_signal_to_noise_ratio():
     mu = torch.full((D,), 0.05)                               # |μ|² = 5
     grads = [mu + torch.randn(n, D, generator=gen).mean(0) for _ in range(k)]   # σ = 1: tr(Σ) = 2000
     assert bench.noise_scale(grads, n) == pytest.approx(400, rel=0.15)
+
+
+def test_bench_runs_end_to_end_and_its_batched_nfd_replay_equals_the_loop_over_frames():
+    """bench.main on tiny random models: every figure is reported, and the batched block-causal replay it
+    times gives the velocities of the per-frame loop it is compared with (bench asserts this itself)."""
+    tiny = ["configs/minicraft_nfd.yaml", "--nfd.hidden=32", "--nfd.mlp=48", "--nfd.heads=2", "--nfd.layers=1",
+            "--ar.hidden=32", "--ar.intermediate=64", "--ar.heads=2", "--ar.kv_heads=1", "--ar.layers=1",
+            "--rl.group_size=2", "--rl.micro_batch=2", "--sde.steps=2", "--run.threads=1", "--json"]
+    res = bench.main(tiny)
+    assert {"ar_rollout_frames_per_s", "ar_kv_cache_speedup", "grpo_update_mfu", "nfd_rollout_frames_per_s",
+            "nfd_batched_replay_speedup", "peak_rss_mb"} <= set(res)
+    assert 0 < res["grpo_update_mfu"] and res["threads"] == 1

@@ -7,7 +7,7 @@ from PIL import Image
 
 import compare
 import config
-from test_train import assets, tiny_cfg  # noqa: F401  (the module-scoped tiny models)
+from conftest import tiny_cfg
 
 
 def test_arguments_split_into_configs_options_and_train_overrides():
@@ -17,9 +17,9 @@ def test_arguments_split_into_configs_options_and_train_overrides():
     opts = compare.parse(["a.yaml", "b.yaml", "--rl.steps=5", "--b.rl.steps=2", "--b.eval.clips=8"])
     assert opts["train"] == ["--rl.steps=5"] and opts["only"] == {"b": ["--rl.steps=2", "--eval.clips=8"]}
     assert compare.parse([])["configs"] == compare.CONFIGS and compare.parse([])["seeds"] == [0, 1, 2]
-    with pytest.raises(SystemExit, match="unknown"):
+    with pytest.raises(config.UsageError, match="unknown"):
         compare.parse(["--variants=rlir,l2"])
-    with pytest.raises(SystemExit, match="cannot use"):
+    with pytest.raises(config.UsageError, match="cannot use"):
         compare.parse(["--rl.steps"])
 
 
@@ -48,5 +48,5 @@ def test_tiny_comparison_writes_table_curves_and_resumes(assets, tmp_path):  # n
     stamp = (runs / "pixel" / "seed0" / "results.json").stat().st_mtime_ns
     compare.main(argv)                                        # finished runs are reused, not rerun
     assert (runs / "pixel" / "seed0" / "results.json").stat().st_mtime_ns == stamp
-    with pytest.raises(SystemExit, match="holds a run of"):   # other settings never reuse these runs
+    with pytest.raises(config.UsageError, match="holds a run of"):   # other settings never reuse these runs
         compare.main([*argv[:-1], "--tiny.rl.steps=2"])

@@ -1,10 +1,13 @@
 """Config parsing: defaults, YAML and CLI overrides, and the errors that name the key."""
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 import config
 from config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -70,7 +73,28 @@ def test_bad_yaml_files(tmp_path):
         config.parse(Top, [write(tmp_path, "rl:\n  bogus: 1\n")])
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
-def test_every_shipped_config_parses(path):
-    cfg, name = config.parse(config.Config, [path])
-    assert name in path and cfg.run.world_model in ("ar", "nfd")
+def test_config_name_is_the_yaml_stem(tmp_path):
+    """The name train.py puts the run folder under (out/<name>/): the file's stem, whatever its folder and
+    wherever the overrides stand; "default" without a file."""
+    path = tmp_path / "runs" / "ar.lr3e-5.yaml"
+    path.parent.mkdir()
+    path.write_text("seed: 1\n")
+    assert config.parse(Top, [str(path)])[1] == "ar.lr3e-5"              # only the last suffix is dropped
+    assert config.parse(Top, ["--seed=2", str(path), "--rl.steps=3"])[1] == "ar.lr3e-5"
+    assert config.parse(Top, ["--seed=2"])[1] == "default"
+
+
+SHIPPED = {"mineworld_300m": "ar", "mineworld_700m": "ar", "mineworld_1200m": "ar", "minicraft_ar": "ar",
+           "minicraft_nfd": "nfd", "nfd_310m": "nfd", "nfd_774m": "nfd",
+           "pretrain_idm_judge": "ar", "pretrain_idm_reward": "ar"}  # IDM pretraining ignores run.world_model
+
+
+def test_shipped_configs_are_the_listed_ones():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("stem, world_model", sorted(SHIPPED.items()))
+def test_every_shipped_config_parses(stem, world_model):
+    """Each shipped config names its run folder out/<stem>/ (no run.out) and picks the intended paradigm."""
+    cfg, name = config.parse(config.Config, [str(CONFIGS / f"{stem}.yaml")])
+    assert name == stem and cfg.run.out == "" and cfg.run.world_model == world_model

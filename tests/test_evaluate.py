@@ -281,6 +281,77 @@ def test_frame_t_is_scored_against_a_t(idms):
     assert ev.evaluate(model(1), hand, cfg, "shifted", scorers)["f1_macro_forward_back"] < 0.8
 
 
+def _bright_clips(n=3, seed=0):
+    """Hand-made clips whose frame t is white iff a_t presses forward: BrightIsForward reads them perfectly."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        fwd = rng.integers(0, 2, 16)  # [16]
+        frames = np.repeat(fwd * 255, 16 * 16 * 3).astype(np.uint8).reshape(16, 16, 16, 3)  # [16, 16, 16, 3]
+        out.append((frames, [{**data.noop_action(), "forward": int(f)} for f in fwd]))
+    return out
+
+
+def test_recon_row_is_the_gt_row_through_the_round_trip(idms):
+    hand = _bright_clips()
+    fake = BrightIsForward()
+    scorers = ev.Scorers(fake, fake, None, "lpips unavailable: test", None, "cpu")
+    cfg = _cfg(idms, batch_size=2)
+    gt = ev.evaluate_gt(hand, cfg, scorers)
+    seen = []
+
+    def identity(frames):
+        seen.append(frames.clone())  # [B, 16, H, W, 3]: every frame, x0 included
+        return frames.clone()
+    recon = ev.evaluate_recon(identity, hand, cfg, scorers)
+    assert recon["name"] == "recon" and torch.equal(torch.cat(seen), torch.from_numpy(np.stack([c[0] for c in hand])))
+    for k in KEYS:
+        assert recon[k] == gt[k] and recon["judge_" + k] == gt["judge_" + k]
+    assert gt["f1_macro"] == 1.0 and recon["psnr"] == pytest.approx(100.0) and recon["ssim"] == pytest.approx(1.0)
+    # A lossy round trip that halves the brightness: white frames read as not forward, and PSNR vs the raw GT
+    # is 10 log10(1 / (128 / 255)^2) dB on white frames, 100 dB (the floor) on black ones.
+    lossy = ev.evaluate_recon(lambda frames: frames // 2, hand, cfg, scorers)
+    assert lossy["f1_macro_forward_back"] < 0.5 and lossy["judge_f1_macro"] < gt["judge_f1_macro"]
+    white = sum(int(a["forward"]) for c in hand for a in c[1][1:])  # white frames among the 45 scored
+    assert 0 < white < 45
+    assert lossy["psnr"] == pytest.approx((white * 20 * np.log10(255 / 128) + (45 - white) * 100) / 45)
+
+
+def test_best_of_keeps_the_reward_argmax_and_the_first_on_ties(idms):
+    clips, cfg = _bright_clips(4), _cfg(idms, best_of=5, batch_size=2)
+    fake = BrightIsForward()
+    scorers = ev.Scorers(fake, fake, None, "lpips unavailable: test", None, "cpu")
+    gt = ev.evaluate_gt(clips, cfg, scorers)
+    calls = []
+
+    def sample(x0, batch, i):  # sample 3 is the ground truth, the others are noise seeded by (batch, i)
+        calls.append(i)
+        if i == 3:
+            return batch["frames"].clone()
+        g = torch.Generator().manual_seed(int(batch["frames"].sum()) * 10 + i)
+        video = torch.randint(0, 256, batch["frames"].shape, generator=g, dtype=torch.uint8)  # [B, 16, H, W, 3]
+        video[:, 0] = x0
+        return video
+
+    def is_gt(video, batch):  # [B]: 1 for a clip equal to the ground truth
+        return (video == batch["frames"]).flatten(1).all(1).float()
+
+    best = ev.evaluate_best_of(sample, clips, cfg, is_gt, scorers=scorers)
+    assert best["name"] == "best_of_5" and calls == [0, 1, 2, 3, 4] * 2  # 4 clips in batches of 2
+    for k in KEYS:
+        assert best["judge_" + k] == gt["judge_" + k] and best[k] == gt[k]
+    assert gt["judge_f1_macro"] == 1.0 and best["psnr"] == pytest.approx(100.0)
+    # A constant reward is a tie everywhere: sample 0 is kept, the row equals sample 0's own row.
+    first = ev.evaluate(lambda x0, b: sample(x0, b, 0), clips, cfg, "first", scorers)
+    tie = ev.evaluate_best_of(sample, clips, cfg, lambda video, batch: torch.ones(len(video)), "tie", scorers)
+    assert tie["name"] == "tie" and tie["psnr"] == first["psnr"] < 20
+    for k in KEYS:
+        assert tie["judge_" + k] == first["judge_" + k]
+    assert first["judge_f1_macro_forward_back"] < 0.5  # noise (mean ~127.5 > 127) reads as forward throughout
+    with pytest.raises(ValueError, match="best_of must be >= 1"):
+        ev.evaluate_best_of(sample, clips, _cfg(idms, best_of=0), is_gt, scorers=scorers)
+
+
 def test_i3d_fvd_in_a_row(clips, idms, i3d_path):
     cfg = _cfg(idms, fvd_features=i3d_path)
     same = ev.evaluate(lambda x0, b: b["frames"].clone(), clips, cfg, "copy")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo import GRPOConfig, group_advantages, policy_loss  # noqa: E402
+import config  # noqa: E402
+from grpo import GRPOConfig, frame_credit, group_advantages, k3, policy_loss  # noqa: E402
 
 # Three groups of G = 4: mixed, all equal (zero std), one success.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
@@ -75,8 +76,15 @@ def test_group_advantages_rejects_bad_input():
         group_advantages(REWARDS, 5, GRPOConfig())
     with pytest.raises(ValueError, match="not finite"):
         group_advantages(torch.tensor([1.0, float("nan")]), 2, GRPOConfig())
-    with pytest.raises(ValueError, match="grpo.scale"):
-        group_advantages(REWARDS, 4, GRPOConfig(scale="std"))
+    with pytest.raises(config.ConfigError, match="grpo.scale: 'std' is not one of 'group', 'batch', 'none'"):
+        config.build(config.Config, {"grpo": {"scale": "std"}})   # choices are checked when the config is read
+
+
+def test_frame_credit_gives_each_frame_the_rewards_its_pixels_decide():
+    adv = torch.tensor([[1.0, -2.0, 4.0]])  # A_1, A_2, A_3 of one rollout
+    frame_of = torch.tensor([0, 0, 1, 1, 2, 3])  # two entries per frame; frame 0 is the given one
+    # frame 1: A_1 + A_2 = -1; frame 2: A_2 + A_3 = 2; frame 3: A_3 + 0 = 4; frame 0: 0
+    assert frame_credit(adv, frame_of).tolist() == [[0.0, 0.0, -1.0, -1.0, 2.0, 4.0]]
 
 
 # -----------------------------------------------------------------------------
@@ -123,15 +131,16 @@ def test_aggregations_on_ragged_mask(aggregation, expected):
 def test_k3_kl_value_and_stat():
     logp = torch.zeros(1, 2, requires_grad=True)
     ref = torch.tensor([[0.5, -0.3]])  # δ = ref − logp
-    k3 = [math.exp(0.5) - 0.5 - 1, math.exp(-0.3) + 0.3 - 1]  # 0.148721, 0.040818
+    want = [math.exp(0.5) - 0.5 - 1, math.exp(-0.3) + 0.3 - 1]  # 0.148721, 0.040818
     cfg = GRPOConfig(beta=0.1, aggregation="token")
-    loss, stats = policy_loss(logp, logp.detach().clone(), torch.zeros(1), torch.ones(1, 2), cfg, ref_logp=ref)
-    assert loss.item() == pytest.approx(0.1 * sum(k3) / 2, rel=1e-6)  # Â = 0: only β·k3 remains
-    assert stats["kl_ref"] == pytest.approx(sum(k3) / 2, rel=1e-6)
+    loss, stats = policy_loss(logp, logp.detach().clone(), torch.zeros(1), torch.ones(1, 2), cfg,
+                              kl=k3(logp, ref, torch.ones(1, 2)))
+    assert loss.item() == pytest.approx(0.1 * sum(want) / 2, rel=1e-6)  # Â = 0: only β·k3 remains
+    assert stats["kl_ref"] == pytest.approx(sum(want) / 2, rel=1e-6)
     loss.backward()  # d k3/d logp = 1 − e^δ, times β / 2 tokens
     expected = [0.1 * (1 - math.exp(0.5)) / 2, 0.1 * (1 - math.exp(-0.3)) / 2]
     torch.testing.assert_close(logp.grad, torch.tensor([expected]))
-    with pytest.raises(ValueError, match="ref_logp"):
+    with pytest.raises(ValueError, match="needs kl"):
         policy_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), cfg)
 
 
@@ -170,7 +179,7 @@ def test_all_masked_row_and_all_masked_batch_give_no_nan():
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     for aggregation in ("grpo", "token", "dr_grpo"):
         loss, stats = policy_loss(logp, torch.tensor([[-1.0, -2.0], [0.0, 0.0]]), torch.tensor([1.0, 3.0]),
-                                  mask, GRPOConfig(aggregation=aggregation, beta=0.1), ref_logp=torch.zeros(2, 2))
+                                  mask, GRPOConfig(aggregation=aggregation, beta=0.1), kl=k3(logp, torch.zeros(2, 2), mask))
         loss.backward()
         assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
         assert all(math.isfinite(v) for k, v in stats.items() if k != "ratio_mean_per_col")

@@ -1,5 +1,7 @@
 """Tests for model_ar.py: HF parity, paper-scale sizes, KV cache, log-probs, sampling, checkpoints, VQ."""
 import argparse
+import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -7,9 +9,10 @@ import pytest
 import torch
 import yaml
 
+import config
 from model_ar import (ACTION_VOCAB, ARConfig, Rollout, Transformer, VQConfig, WorldModel, build_sequence,
-                      build_world_model, generated_positions, load_mineworld_vae, log_probs, lm_loss, new_cache,
-                      quantize, rollout, sample_frames, sample_image_token, top_p_filter)
+                      build_world_model, generate, generated_positions, load_mineworld_vae, log_probs, lm_loss,
+                      new_cache, quantize, reference, rollout, sample_frames, sample_image_token, top_p_filter)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -109,7 +112,7 @@ def test_kv_cache_logits_equal_full_recompute_along_a_rollout():
     model = tiny_model()
     cfg = model.cfg
     x0, actions = prompt(cfg, batch=3)
-    tokens = rollout(model, x0, actions, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0)).tokens
+    tokens = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(0)).tokens
     with torch.no_grad():
         full = model.transformer(tokens)  # [B, L, V]
         cache = new_cache(model.transformer, 3, cfg.seq_len)
@@ -134,15 +137,25 @@ def test_kv_cache_logits_equal_full_recompute_along_a_rollout():
 def test_log_probs_equal_rollout_logp_on_first_pass():
     model = tiny_model()
     x0, actions = prompt(model.cfg, batch=4)
-    ro = rollout(model, x0, actions, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    lp = log_probs(model, ro)
+    ro = generate(model, x0, actions, 0.7, 0.9, torch.Generator().manual_seed(3))
+    lp = log_probs(model, ro)[0]
     assert lp.shape == ro.logp.shape == ro.tokens.shape
     assert not ro.logp.requires_grad and lp.requires_grad
     assert (ro.logp[ro.mask.bool()] < 0).all()  # real log-probs where generated, 0 elsewhere
     torch.testing.assert_close(lp, ro.logp, atol=1e-5, rtol=0)
     # under a different temperature the same tokens get different log-probs: log_probs replays rollout.temperature
-    other = Rollout(ro.tokens, ro.logp, ro.mask, ro.frames, temperature=1.3)
-    assert (log_probs(model, other) - ro.logp).abs().max() > 1e-2
+    other = dataclasses.replace(ro, temperature=1.3)
+    assert (log_probs(model, other)[0] - ro.logp).abs().max() > 1e-2
+    # each frame's image tokens are one block of frame_len positions; frame_of names it
+    n = model.cfg.image_tokens
+    assert ro.frame_of[ro.mask[0].bool()].tolist() == [t for t in range(1, model.cfg.frames) for _ in range(n)]
+    # the KL to a reference: k3 of the log-probs, exactly 0 when the reference is the policy itself
+    ref = reference(model, ro)
+    torch.testing.assert_close(ref, ro.logp, atol=1e-5, rtol=0)
+    _, kl = log_probs(model, dataclasses.replace(ro, ref=ref))
+    assert kl.abs().max() < 1e-4
+    _, kl = log_probs(model, dataclasses.replace(ro, ref=ref - 0.5 * ro.mask))  # δ = −0.5 on every token
+    torch.testing.assert_close(kl, (math.exp(-0.5) + 0.5 - 1) * ro.mask, atol=1e-4, rtol=0)
     lp.sum().backward()
     assert model.transformer.lm_head.weight.grad.abs().sum() > 0
 
@@ -154,7 +167,7 @@ def test_actions_never_sampled_and_mask_is_generated_image_tokens():
         model.transformer.lm_head.weight[:cfg.n_codes] = 0.0
         model.transformer.lm_head.weight[cfg.n_codes:] *= 20.0
     x0, actions = prompt(cfg, batch=4)
-    ro = rollout(model, x0, actions, generator=torch.Generator().manual_seed(0))
+    ro = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(ro.tokens).argmax(-1) >= cfg.n_codes).float().mean() > 0.9  # the test is not vacuous
     gen = ro.mask.bool()
@@ -182,20 +195,20 @@ def test_full_length_default_rollout_log_probs_match():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=g)
     actions = torch.randint(512, 512 + ACTION_VOCAB, (2, 16, 11), generator=g)
-    ro = rollout(model, x0, actions, temperature=1.0, top_p=0.8, generator=g)
+    ro = generate(model, x0, actions, 1.0, 0.8, g)
     assert ro.frames.shape == (2, 16, 64, 64, 3) and ro.mask.sum() == 2 * 15 * 64
-    torch.testing.assert_close(log_probs(model, ro), ro.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_probs(model, ro)[0], ro.logp, atol=1e-5, rtol=0)
 
 
 def test_rollout_is_deterministic_given_a_generator():
     model = tiny_model()
     x0, actions = prompt(model.cfg, batch=2)
-    a = rollout(model, x0, actions, generator=torch.Generator().manual_seed(5))
-    b = rollout(model, x0, actions, generator=torch.Generator().manual_seed(5))
-    c = rollout(model, x0, actions, generator=torch.Generator().manual_seed(6))
+    a = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(5))
+    b = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(5))
+    c = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(6))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp)
     assert not torch.equal(a.tokens, c.tokens)
-    frames = sample_frames(model, x0, actions, generator=torch.Generator().manual_seed(5))  # T=1, top-p 0.8
+    frames = sample_frames(model, x0, actions, config.Config(), torch.Generator().manual_seed(5))  # T=1, top-p 0.8
     assert frames.shape == a.frames.shape
 
 
@@ -203,9 +216,9 @@ def test_rollout_rejects_bad_action_tokens():
     model = tiny_model()
     x0, actions = prompt(model.cfg, batch=2)
     with pytest.raises(ValueError, match=r"action_to_tokens\(action, offset=16\)"):
-        rollout(model, x0, actions - 16)
+        rollout(model, x0, actions - 16, config.Config())
     with pytest.raises(ValueError, match=r"\[2, 3, 11\]"):
-        rollout(model, x0, actions[:, :2])
+        rollout(model, x0, actions[:, :2], config.Config())
 
 
 def test_lm_loss_is_mean_negative_log_prob_of_generated_image_tokens():
@@ -217,7 +230,7 @@ def test_lm_loss_is_mean_negative_log_prob_of_generated_image_tokens():
     ids = model.tokenizer.encode(frames.flatten(0, 1)).view(2, cfg.frames, -1)
     tokens = build_sequence(ids, actions)
     mask = generated_positions(cfg).float().expand(2, -1)
-    lp = log_probs(model, Rollout(tokens, torch.zeros_like(mask), mask, frames, temperature=1.0))
+    lp, _ = log_probs(model, Rollout(tokens, torch.zeros_like(mask), mask, frames, 1.0, torch.zeros(0)))
     loss = lm_loss(model, frames, actions)
     torch.testing.assert_close(loss, -lp.sum() / mask.sum())
     assert loss.item() > 0
@@ -260,11 +273,11 @@ def test_mineworld_layout_checkpoint_loads_and_reproduces_logits(tmp_path):
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "300M_16f.ckpt")
     torch.save(sd, tmp_path / "raw.bin")
     x0, actions = prompt(model.cfg, batch=2)
-    expected = model(rollout(model, x0, actions, generator=torch.Generator().manual_seed(0)).tokens)
+    expected = model(generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(0)).tokens)
     for name in ("300M_16f.ckpt", "raw.bin"):
         ar, vq = tiny_configs(init_from=str(tmp_path / name))
         loaded = build_world_model(ar, vq)
-        tokens = rollout(loaded, x0, actions, generator=torch.Generator().manual_seed(0)).tokens
+        tokens = generate(loaded, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(0)).tokens
         torch.testing.assert_close(loaded(tokens), expected, atol=0, rtol=0)
 
 
@@ -284,7 +297,7 @@ def test_checkpoint_with_missing_or_misshaped_key_is_rejected_by_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.ckpt"):
         build_world_model(*tiny_configs(init_from=str(tmp_path / "nowhere.ckpt")))
     torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.ckpt")
-    with pytest.raises(RuntimeError, match="weights_only=True"):
+    with pytest.raises(config.UsageError, match="pickled.ckpt: cannot read .*weights_only=True"):
         build_world_model(*tiny_configs(init_from=str(tmp_path / "pickled.ckpt")))
 
 

@@ -1,15 +1,17 @@
 """Tests for model_diffusion.py: sizes (Table 5), adaLN-Zero init, block-causal attention, the KV-cached
 rollout vs no-cache recomputation, batched replay vs per-frame replay, log-prob ratio = 1 on the first
 pass, zero-noise SDE = Euler, flow-matching gradients. Tiny configs, CPU, a few seconds."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import config
 import sde_sampler as sde
 from model_diffusion import (AEConfig, NFD, NFDConfig, actions_multi_hot, block_causal_mask, context_kv, fm_loss,
-                             load_weights, log_probs, noisy_velocity, replay_mask, rollout, sample_frames)
+                             load_weights, log_probs, noisy_velocity, reference, replay_mask, rollout, sample_frames)
 from sde_sampler import SDEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_cfg(group_size: int = 1, **sde_fields) -> config.Config:
+    """A run config with these sde fields and rl.group_size (what the world-model calls read)."""
+    return config.Config(sde=SDEConfig(**sde_fields), rl=config.RLConfig(group_size=group_size))
 
 
 def tiny_cfgs(frames: int = 5) -> tuple[NFDConfig, AEConfig]:
@@ -144,7 +151,7 @@ def test_batched_replay_equals_per_frame_replay():
 def test_rollout_shapes_mask_and_logprob_ratio_one():
     model, B, K = tiny_model(frames=16), 4, 10
     video, tokens = clip(B, 16)
-    cfg = SDEConfig(steps=K)
+    cfg = run_cfg(steps=K)
     ro = rollout(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(1))
     assert ro.frames.shape == (B, 16, 16, 16, 3) and ro.frames.dtype == torch.uint8
     assert torch.equal(ro.frames[:, 0], video[:, 0])
@@ -153,7 +160,9 @@ def test_rollout_shapes_mask_and_logprob_ratio_one():
     m = ro.mask.view(B, 15, K)
     assert (m == m[:, :1]).all() and not m[:, :, -1].any()  # same steps for every frame; never the last
     assert (m[:, 0].sum(1) == int(0.6 * (K - 1))).all()  # τ·(K−1) = 5 steps per trajectory
-    lp = log_probs(model, ro, cfg)
+    lp, kl = log_probs(model, ro, cfg)
+    assert kl is None  # no reference policy in this rollout
+    assert ro.frame_of.tolist() == [f for f in range(1, 16) for _ in range(K)]
     sel = ro.mask.bool()
     assert torch.isfinite(ro.logp).all() and torch.equal(lp[~sel], torch.zeros_like(lp[~sel]))
     assert torch.allclose(lp[sel], ro.logp[sel], atol=1e-5)
@@ -162,10 +171,29 @@ def test_rollout_shapes_mask_and_logprob_ratio_one():
     assert model.final.weight.grad.abs().sum() > 0 and model.blocks[0].qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_kl_to_the_reference_is_the_closed_form_gaussian_kl(reduce):
+    model, B, K = tiny_model(frames=4), 2, 4
+    video, tokens = clip(B, 4, seed=7)
+    cfg = run_cfg(steps=K, logprob_reduce=reduce)
+    ro = rollout(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(2))
+    ref = reference(model, ro, cfg)  # [B, F-1, K, N, C] π_ref's transition means
+    assert ref.shape == (B, 3, K, N_TOK, C)
+    _, kl = log_probs(model, dataclasses.replace(ro, ref=ref), cfg)
+    assert kl.abs().max() < 1e-6  # the reference is the policy itself
+    # Shift every reference mean by d: KL = d² / (2 s_k²) per latent element, the same reduction as the
+    # log-prob (mean: per element; sum: times the N·C elements), on the trained steps only.
+    d, s_k = 0.1, ro.g * (ro.ts[:-1] - ro.ts[1:]).sqrt()  # [K] per-step std
+    _, kl = log_probs(model, dataclasses.replace(ro, ref=ref + d), cfg)
+    per_elem = (d ** 2 / (2 * s_k ** 2)).repeat(3)  # [(F-1)K]
+    expected = per_elem * (N_TOK * C if reduce == "sum" else 1) * ro.mask  # [B, (F-1)K]
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_kv_cached_rollout_equals_no_cache_recomputation():
     model, B, F_, K = tiny_model(frames=5), 2, 5, 4
     video, tokens = clip(B, F_, seed=2)
-    cfg = SDEConfig(steps=K, logprob_reduce="sum")
+    cfg = run_cfg(steps=K, logprob_reduce="sum")
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     ro = rollout(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(3))
@@ -185,26 +213,25 @@ def test_kv_cached_rollout_equals_no_cache_recomputation():
 def test_zero_noise_rollout_equals_euler_sampler():
     model, B, F_, K = tiny_model(frames=5), 2, 5, 5
     video, tokens = clip(B, F_, seed=4)
-    cfg = SDEConfig(steps=K, noise_level=0.0, eval_steps=K, eval_solver="euler")
+    cfg = run_cfg(steps=K, noise_level=0.0, eval_steps=K, eval_solver="euler")
     ro = rollout(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(5))
     ev = sample_frames(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(5))
     assert torch.equal(ro.frames, ev)
     other = sample_frames(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(6))
     assert not torch.equal(other, ev)  # the frames do depend on the initial noise
-    dpm = sample_frames(model, video[:, 0], tokens, SDEConfig(eval_steps=6), torch.Generator().manual_seed(5))
+    dpm = sample_frames(model, video[:, 0], tokens, run_cfg(eval_steps=6), torch.Generator().manual_seed(5))
     assert dpm.shape == ev.shape and dpm.dtype == torch.uint8 and torch.equal(dpm[:, 0], video[:, 0])
 
 
 def test_same_initial_noise_within_a_group():
     model, B, F_ = tiny_model(frames=3), 4, 3
     video, tokens = clip(B, F_, seed=5)
-    ro = rollout(model, video[:, 0], tokens, SDEConfig(steps=3, same_noise=True), torch.Generator().manual_seed(0),
-                 group_size=2)
+    ro = rollout(model, video[:, 0], tokens, run_cfg(2, steps=3, same_noise=True), torch.Generator().manual_seed(0))
     x1 = ro.traj[:, :, 0]  # [B, F-1, N, C]
     assert torch.equal(x1[0], x1[1]) and torch.equal(x1[2], x1[3]) and not torch.equal(x1[0], x1[2])
     assert not torch.equal(ro.traj[0, :, 1], ro.traj[1, :, 1])  # per-step noise stays independent
     with pytest.raises(ValueError, match="group"):
-        rollout(model, video[:3, 0], tokens[:3], SDEConfig(steps=3, same_noise=True), group_size=2)
+        rollout(model, video[:3, 0], tokens[:3], run_cfg(2, steps=3, same_noise=True))
 
 
 # -----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_ar_stages(tmp_path):
     model = model_ar.build_world_model(cfg.ar, cfg.vq)        # the base model train.py starts from
     saved = torch.load(ar, weights_only=True)["state_dict"]
     assert torch.equal(model.state_dict()["transformer.lm_head.weight"], saved["transformer.lm_head.weight"])
-    with pytest.raises(SystemExit, match="vq.init_from"):
+    with pytest.raises(config.UsageError, match="vq.init_from"):
         pretrain.main(["ar", *TINY])
 
 
@@ -65,7 +65,7 @@ def test_nfd_stages(tmp_path):
     cfg = config.parse(config.Config, small)[0]
     model = model_diffusion.NFD(cfg.nfd, cfg.ae)
     model_diffusion.load_weights(model, str(nfd))             # loads strictly, tokenizer included
-    with pytest.raises(SystemExit, match="ae.init_from"):
+    with pytest.raises(config.UsageError, match="ae.init_from"):
         pretrain.main(["nfd", *TINY])
 
 

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
+import config
 import data
 import model_ar
 import model_diffusion
 import sde_sampler
 import train
 from test_model_diffusion import clip, tiny_model
-from test_train import assets, tiny_args, tiny_cfg  # noqa: F401  (assets is a fixture)
+from conftest import tiny_args, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -75,33 +75,32 @@ def reference(assets, tmp_path_factory):
 
 def test_ar_rollout_of_a_group_does_not_depend_on_the_rank_layout(assets):
     cfg = tiny_cfg(assets)
-    model = train.build_world_model(cfg)
+    api, model = train.world_model(cfg)
     clips = data.load_clips(cfg.data)[0]
     batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:4], 16).items()}  # 4 prompts × G=2
     x0, tok = batch["frames"][:, 0], batch["tokens"]
-    whole = train.rollout(model, x0, tok, cfg, train.group_generators(7, 3, 4, 0, 1, "cpu"))
+    whole = api.rollout(model, x0, tok, cfg, train.group_generators(7, 3, 4, 0, 1, "cpu"))
     for rank in (0, 1):                                       # rank r of 2 holds prompts r and r + 2
         rows = torch.tensor([2 * p + j for p in (rank, rank + 2) for j in range(2)])
-        part = train.rollout(model, x0[rows], tok[rows], cfg, train.group_generators(7, 3, 4, rank, 2, "cpu"))
+        part = api.rollout(model, x0[rows], tok[rows], cfg, train.group_generators(7, 3, 4, rank, 2, "cpu"))
         assert torch.equal(part.tokens, whole.tokens[rows]) and torch.equal(part.frames, whole.frames[rows])
         assert torch.allclose(part.logp, whole.logp[rows], atol=1e-6)
     # The same prompt under another step or prompt index draws other noise (the seeds really differ).
     same = x0[:1].repeat(2, 1, 1, 1), tok[:1].repeat(2, 1, 1)
-    a = train.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 0, 2, "cpu")).tokens
-    b = train.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 1, 2, "cpu")).tokens
-    c = train.rollout(model, *same, cfg, train.group_generators(7, 4, 2, 0, 2, "cpu")).tokens
+    a = api.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 0, 2, "cpu")).tokens
+    b = api.rollout(model, *same, cfg, train.group_generators(7, 3, 2, 1, 2, "cpu")).tokens
+    c = api.rollout(model, *same, cfg, train.group_generators(7, 4, 2, 0, 2, "cpu")).tokens
     assert not torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_nfd_rollout_of_a_group_does_not_depend_on_the_rank_layout():
     model = tiny_model(frames=3)
     video, tok = clip(4, 3)                                   # 2 prompts × G=2
-    sde_cfg = sde_sampler.SDEConfig(steps=4, tau=0.5, same_noise=True)
+    cfg = config.Config(sde=sde_sampler.SDEConfig(steps=4, tau=0.5, same_noise=True), rl=config.RLConfig(group_size=2))
     gens = lambda ps: [torch.Generator().manual_seed(100 + p) for p in ps]   # noqa: E731
-    whole = model_diffusion.rollout(model, video[:, 0], tok, sde_cfg, gens([0, 1]), group_size=2)
+    whole = model_diffusion.rollout(model, video[:, 0], tok, cfg, gens([0, 1]))
     for p in (0, 1):
-        part = model_diffusion.rollout(model, video[2 * p:2 * p + 2, 0], tok[2 * p:2 * p + 2], sde_cfg,
-                                       gens([p]), group_size=2)
+        part = model_diffusion.rollout(model, video[2 * p:2 * p + 2, 0], tok[2 * p:2 * p + 2], cfg, gens([p]))
         assert torch.equal(part.mask, whole.mask[2 * p:2 * p + 2])
         assert torch.allclose(part.traj, whole.traj[2 * p:2 * p + 2], atol=1e-5)
     assert not torch.equal(whole.traj[0, :, 0], whole.traj[2, :, 0])  # groups start from other noise
@@ -112,8 +111,7 @@ def test_generators_must_split_the_batch_into_whole_groups():
     with pytest.raises(ValueError, match="5 rows cannot be split evenly over 2 generators"):
         model_ar.exponential_noise((5, 8), [torch.Generator(), torch.Generator()], "cpu")
     with pytest.raises(ValueError, match="5 rows cannot be split evenly over 2 generators"):
-        model_diffusion._per_group(lambda b, g: torch.randn(b, 3, generator=g), 5,
-                                   [torch.Generator(), torch.Generator()])
+        sde_sampler.randn((5, 3), [torch.Generator(), torch.Generator()])
 
 
 # -----------------------------------------------------------------------------
@@ -128,8 +126,7 @@ def test_torchrun_two_ranks_match_one_process(assets, reference, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     prints = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", run.stdout))
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints   # replicas identical
-    cfg = tiny_cfg(assets)
-    model = train.build_world_model(cfg)
+    _, model = train.world_model(tiny_cfg(assets))
     model.load_state_dict(weights(out))
     assert train.fingerprint(model) == prints["0"]            # the printed hash is of the saved weights
     a, b, init = weights(reference), weights(out), torch.load(assets / "ar.pt", weights_only=True)["state_dict"]
@@ -193,22 +190,28 @@ def one_step(assets, tmp_path_factory):
     return out
 
 
-def inject(monkeypatch, what: str, from_call: int = 1) -> None:
-    """Make the reward, the log-probs or the loss NaN from the `from_call`-th call on."""
-    target, name = {"reward": (train, "rewards"), "log-prob": (train, "log_probs"),
-                    "loss": (train.grpo, "policy_loss")}[what]
-    real, calls = getattr(target, name), []
-
+def nan_from(real, from_call: int, calls: list):
+    """`real` returning NaN (the first element of a tuple result) from its `from_call`-th call on."""
     def fake(*a, **k):
         calls.append(1)
         result = real(*a, **k)
         if len(calls) < from_call:
             return result
-        if isinstance(result, tuple):                         # policy_loss -> (loss, stats)
-            return result[0] * float("nan"), result[1]
+        if isinstance(result, tuple):                         # (log-probs, kl) or (loss, stats)
+            return result[0] * float("nan"), *result[1:]
         return result * float("nan")
+    return fake
 
-    monkeypatch.setattr(target, name, fake)
+
+def inject(monkeypatch, what: str, from_call: int = 1) -> None:
+    """Make the reward, the log-probs or the loss NaN from the `from_call`-th call on."""
+    calls = []
+    if what == "reward":                                      # the reward function train.reward_fn builds
+        real_fn = train.reward_fn
+        monkeypatch.setattr(train, "reward_fn", lambda *a, **k: nan_from(real_fn(*a, **k), from_call, calls))
+    else:
+        target, name = {"log-prob": (model_ar, "log_probs"), "loss": (train.grpo, "policy_loss")}[what]
+        monkeypatch.setattr(target, name, nan_from(getattr(target, name), from_call, calls))
 
 
 @pytest.mark.parametrize("what", ["reward", "log-prob", "loss"])
@@ -232,7 +235,7 @@ def test_consecutive_non_finite_steps_stop_the_run(assets, one_step, tmp_path, m
     out = tmp_path / "run"
     shutil.copytree(one_step, out)
     inject(monkeypatch, "reward")
-    with pytest.raises(SystemExit, match=r"stopping at step 3: 2 consecutive skipped steps \(last: non-finite "
+    with pytest.raises(config.UsageError, match=r"stopping at step 3: 2 consecutive skipped steps \(last: non-finite "
                                          r"reward; rl.max_bad_steps=2\)"):
         train.main(args(assets, out, "--rl.steps=10", "--rl.max_bad_steps=2"))
     assert [r.get("skipped") for r in log_rows(out)] == [None, "non-finite reward", "non-finite reward"]
@@ -241,13 +244,17 @@ def test_consecutive_non_finite_steps_stop_the_run(assets, one_step, tmp_path, m
 def test_a_good_step_resets_the_count_of_bad_ones(assets, one_step, tmp_path, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(one_step, out)
-    real, calls = train.rewards, []
+    real_fn, calls = train.reward_fn, []
 
     def every_other(*a, **k):                                 # NaN at steps 2 and 4, fine at 3
-        calls.append(1)
-        return real(*a, **k) * (float("nan") if len(calls) % 2 else 1.0)
+        reward = real_fn(*a, **k)
 
-    monkeypatch.setattr(train, "rewards", every_other)
+        def flaky(frames, batch):
+            calls.append(1)
+            return reward(frames, batch) * (float("nan") if len(calls) % 2 else 1.0)
+        return flaky
+
+    monkeypatch.setattr(train, "reward_fn", every_other)
     train.main(args(assets, out, "--rl.steps=4", "--rl.max_bad_steps=2"))   # never 2 in a row: no stop
     assert [r.get("skipped") is None for r in log_rows(out)] == [True, False, True, False]
 
@@ -256,22 +263,20 @@ def test_a_good_step_resets_the_count_of_bad_ones(assets, one_step, tmp_path, mo
 # Bad launches and bad checkpoints fail before any work, in one line that says what to do.
 
 
-@pytest.mark.parametrize("world, prompts, message", [
-    (4, 2, "4 ranks but only rl.prompts=2 prompts per step"),
-    (3, 4, "rl.prompts=4 must be a multiple of the 3 ranks"),
-])
-def test_rank_count_that_does_not_fit_the_prompts(assets, tmp_path, monkeypatch, world, prompts, message):
+@pytest.mark.parametrize("world, prompts", [(4, 2), (3, 4)])
+def test_rank_count_that_does_not_fit_the_prompts(assets, tmp_path, monkeypatch, world, prompts):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+    monkeypatch.setattr(train.runtime, "setup", lambda run: (torch.device("cpu"), 0, world))   # no process group
+    with pytest.raises(config.UsageError, match=f"rl.prompts={prompts} prompts per step cannot be split over "
+                                                f"{world} ranks"):
         train.main(args(assets, tmp_path / "run", f"--rl.prompts={prompts}"))
-    assert "\n" not in str(e.value.code)
-    assert not dist.is_initialized() and not (tmp_path / "run").exists()   # before any work
+    assert not (tmp_path / "run").exists()                    # before any work
 
 
-@pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps"])
+@pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps", "rl.steps"])
 def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
-    with pytest.raises(SystemExit, match="must all be >= 1"):
+    with pytest.raises(config.UsageError, match="must all be >= 1"):
         train.main(args(assets, tmp_path / "run", f"--{key}=0"))
 
 
@@ -281,8 +286,8 @@ class Payload:
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncate", "is not a loadable checkpoint"),
-    ("pickle", "is not a loadable checkpoint"),
+    ("truncate", "cannot read the checkpoint"),
+    ("pickle", "cannot read the checkpoint"),
     ("drop_key", "missing keys ['transformer.lm_head.weight']"),
     ("reshape", "mis-shaped ['transformer.lm_head.weight [1, 1] != "),
     ("not_train", "lacks ['optimizer', 'scheduler', 'step', 'rng']"),
@@ -305,7 +310,7 @@ def test_a_damaged_checkpoint_fails_with_a_message(assets, one_step, tmp_path, m
         else:
             state["model"]["transformer.lm_head.weight"] = torch.zeros(1, 1)
         torch.save(state, ckpt)
-    with pytest.raises(SystemExit, match=re.escape(message)) as e:
+    with pytest.raises(config.UsageError, match=re.escape(message)) as e:
         train.main(args(assets, out))
-    assert "\n" not in str(e.value.code) and "config.yaml" in str(e.value.code)
+    assert str(ckpt) in str(e.value)
     assert not (tmp_path / "pwned").exists()

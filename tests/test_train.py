@@ -10,50 +10,23 @@ import torchvision
 import config
 import data
 import evaluate
-import idm as idm_lib
-import model_ar
+import grpo
+import model_diffusion
 import train
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny reward/judge IDMs and a tiny AR world model (tokenizer + transformer) saved to files."""
-    d = tmp_path_factory.mktemp("assets")
-    torch.manual_seed(0)
-    small = idm_lib.IDMConfig(hidsize=32, attention_heads=2)
-    for name in ("reward", "judge"):
-        idm_lib.save(idm_lib.IDM.from_config(small), str(d / f"{name}.pt"))
-    cfg = tiny_cfg(d, init=False)
-    model = model_ar.build_world_model(cfg.ar, cfg.vq)
-    torch.save({"state_dict": model.state_dict()}, d / "ar.pt")
-    return d
-
-
-def tiny_cfg(d, init=True, extra=()):
-    args = [f"--rl.reward_idm={d}/reward.pt", f"--eval.reward_idm={d}/reward.pt",
-            f"--eval.judge_idm={d}/judge.pt", "--ar.hidden=32", "--ar.intermediate=64",
-            "--ar.heads=2", "--ar.kv_heads=1", "--ar.layers=1", "--ar.n_codes=16",
-            "--ar.vocab_size=86", "--vq.codebook_size=16", "--vq.channels=8", "--vq.code_dim=8",
-            "--data.max_clips=4", "--eval.clips=2", "--eval.videos=0", "--rl.prompts=2",
-            "--rl.group_size=2", "--rl.micro_batch=2", "--rl.steps=2", "--rl.lr=1e-2",
-            "--run.threads=1", *extra]
-    if init:
-        args.append(f"--ar.init_from={d}/ar.pt")
-    return config.parse(config.Config, args)[0]
+from conftest import tiny_args, tiny_cfg
 
 
 def test_first_pass_ratio_is_one_and_every_parameter_moves(assets):
     cfg = tiny_cfg(assets)
-    model = train.build_world_model(cfg)
+    api, model = train.world_model(cfg)
     clips = data.load_clips(cfg.data)[0]
     batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:2], 16).items()}
-    ro = train.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    old = train.log_probs(model, ro, cfg).detach()
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    old = train.replay(api.log_probs, model, ro, cfg)
     assert torch.allclose(old, ro.logp, atol=1e-5)            # the cache and the replay agree
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    lp = train.log_probs(model, ro, cfg)
+    lp, _ = api.log_probs(model, ro, cfg)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    import grpo
     loss, st = grpo.policy_loss(lp, old, adv, ro.mask, cfg.grpo)
     assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and st["clip_frac"] == 0
     loss.backward()
@@ -68,16 +41,15 @@ def test_first_pass_ratio_is_one_and_every_parameter_moves(assets):
 def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
     """rl.micro_batch is a memory knob only: 1 row per backward gives the gradient of all 4 at once."""
     cfg = tiny_cfg(assets, extra=[f"--grpo.aggregation={aggregation}"])
-    model = train.build_world_model(cfg)
+    api, model = train.world_model(cfg)
     clips = data.load_clips(cfg.data)[0]
     batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:2], 16).items()}
-    ro = train.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    old, adv = ro.logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5])
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    exp = train.Experience(ro, torch.zeros(4, 15), ro.logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
     grads = []
     for mb in (4, 1):
         model.zero_grad(set_to_none=True)
-        train.accumulate_gradients(model, ro, old, adv, None, dataclasses.replace(
-            cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)), float(ro.mask.sum()))
+        train.backward(model, api, exp, dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
@@ -91,7 +63,8 @@ def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     cfg = tiny_cfg(assets, extra=["--rl.reward=pixel"])
     gen = torch.Generator().manual_seed(0)
     frames, gt = (torch.randint(0, 256, (2, 16, 64, 64, 3), dtype=torch.uint8, generator=gen) for _ in range(2))
-    r = train.rewards(frames, {"frames": gt}, cfg, None, lp)                   # [2, 15]
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lpips_backbone=str(tmp_path / "alexnet.pt")))
+    r = train.reward_fn(cfg, "cpu")(frames, {"frames": gt})                  # [2, 15]
     x, y = frames[:, 1:].float() / 255, gt[:, 1:].float() / 255
     want = (x - y).abs().mean((2, 3, 4)) + evaluate.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
     torch.testing.assert_close(r, -want)
@@ -111,7 +84,7 @@ def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
     gt = data.collate(held)["frames"][0].numpy()              # [16, 64, 64, 3]
     assert np.abs(video[:16, :64].astype(int) - gt).mean() < 8   # row 1 is the first GT clip (mp4 loss)
     rows = json.loads((out / "results.json").read_text())
-    assert set(rows) == {"gt", "before", "after"} and "judge_f1_macro" in rows["after"]
+    assert set(rows) == {"gt", "recon", "before", "after"} and "judge_f1_macro" in rows["after"]
     assert rows["gt"]["psnr"] is None and rows["after"]["psnr"] > 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
@@ -131,25 +104,12 @@ def test_the_loop_climbs_an_easy_reward_on_the_shipped_model(tmp_path, monkeypat
     held-out clips. A sign error, or an advantage given to the wrong rollout anywhere in the loop,
     fails this; that the inverse reward barely moves judge F1 in 15 minutes is a matter of signal
     (README, "What limits the gain"), not of plumbing. ~4 minutes on 2 cores."""
-    monkeypatch.setattr(train, "rewards", lambda frames, *_: frames[:, 1:].float().mean((2, 3, 4)) / 255)
+    monkeypatch.setattr(train, "reward_fn", lambda *_: lambda frames, batch: frames[:, 1:].float().mean((2, 3, 4)) / 255)
     out = tmp_path / "run"
     train.main(["configs/minicraft_ar.yaml", "--rl.steps=8", "--rl.lr=1e-4", "--eval.clips=8",
                 "--eval.videos=0", f"--run.out={out}"])
     rows = json.loads((out / "results.json").read_text())
     assert rows["after"]["brightness"] > rows["before"]["brightness"] + 0.02
-
-
-def tiny_args(d, out, steps):
-    cfg = tiny_cfg(d)
-    return [*[f"--{k}" for k in flat(config.to_dict(cfg))], f"--run.out={out}", f"--rl.steps={steps}"]
-
-
-def flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from flat(v, prefix + k + ".")
-        elif v is not None:
-            yield f"{prefix}{k}={json.dumps(v)}"
 
 
 def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
@@ -167,32 +127,47 @@ def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
                     ["configs/minicraft_ar.yaml"]]
     monkeypatch.undo()
     cfg, name = config.parse(config.Config, [str(train.DEFAULT_CONFIG)])
-    assert name == "minicraft_nfd" and cfg.run.world_model == "nfd"
-    model = train.build_world_model(cfg)                      # the shipped AE and NFD base load strictly
-    assert model.cfg.hidden == cfg.nfd.hidden
+    api, model = train.world_model(cfg)                       # the shipped AE and NFD base load strictly
+    assert name == "minicraft_nfd" and api is model_diffusion
+    shipped = torch.load(cfg.nfd.init_from, weights_only=True)["model"]
+    assert all(torch.equal(v, shipped[k].float()) for k, v in model.state_dict().items() if k in shipped)
 
 
-def test_frame_credit_gives_each_frame_its_own_advantage(assets, tmp_path):
-    """rl.credit=frame: frame f's generated entries carry advantage column f-1, for both layouts."""
-    cfg = tiny_cfg(assets)
-    model = train.build_world_model(cfg)
-    clips = data.load_clips(cfg.data)[0]
-    batch = data.collate(clips[:2], 16)
-    ro = train.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    adv = torch.arange(1.0, 16.0).repeat(2, 1)                # [2, 15]: frame f has advantage f
-    entries = train.per_entry(adv, ro, cfg)                   # [2, L]
-    frame_of = torch.arange(ro.mask.shape[1]) // cfg.ar.frame_len           # AR: a block per frame
+def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tmp_path):
+    """rl.credit=frame: frame t's generated entries carry A_t + A_{t+1} (grpo.frame_credit), read through
+    the rollout's frame_of, for the AR layout (a block of tokens per frame) and the NFD one (K steps)."""
+    cfg = tiny_cfg(assets, extra=["--rl.credit=frame"])
+    api, model = train.world_model(cfg)
+    batch = data.collate(data.load_clips(cfg.data)[0][:2], 16)
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    r = torch.zeros(2, 15)
+    r[0, 6] = 1.0                                              # rollout 0 of the group is better at frame 7
+    adv, _ = train.advantages(r, ro, cfg, 0, 1)                # [2, L]; A_7 = ±1 (z-score), others 0
     gen = ro.mask[0] > 0
-    assert torch.equal(entries[:, gen], frame_of[gen].float().expand(2, -1))
-    assert set(frame_of[gen].tolist()) == set(range(1, 16))   # every generated frame is credited
-    nfd = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, world_model="nfd"))
-    k = 4                                                      # NFD: K transitions per frame
-    fake = dataclasses.make_dataclass("R", ["mask", "g"])(torch.ones(2, 15 * k), torch.zeros(k))
-    assert torch.equal(train.per_entry(adv, fake, nfd).view(2, 15, k), adv[:, :, None].expand(2, 15, k))
+    frame = ro.frame_of[gen]                                   # [generated entries]
+    want = ((frame == 6) | (frame == 7)).float()               # frames 6 and 7 decide r_7
+    assert torch.allclose(adv[0, gen], want, atol=1e-3) and torch.allclose(adv[1, gen], -want, atol=1e-3)
     # End to end: one frame-credit step trains, and logs the clip-level reward mean.
     out = tmp_path / "frame"
     train.main([*tiny_args(assets, out, steps=1), "--rl.reward=pixel", "--rl.credit=frame"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["grad_norm"] > 0 and log[0]["reward_mean"] < 0
-    with pytest.raises(SystemExit, match="rl.credit"):
+    with pytest.raises(config.ConfigError, match="rl.credit: 'token' is not one of 'clip', 'frame'"):
         train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
+
+
+def test_nfd_run_end_to_end_with_a_kl_anchor(tmp_path):
+    """The default paradigm through train.main on a tiny NFD model from random weights: rollout, reward,
+    replay of π_old and π_ref, the KL-anchored update, evaluation rows; the KL to the reference is logged
+    (0 on the first step: the policy is the reference) and the weights move."""
+    out = tmp_path / "nfd"
+    tiny = ["--nfd.init_from=scratch", "--ae.init_from=", "--nfd.hidden=32", "--nfd.mlp=48", "--nfd.heads=2",
+            "--nfd.layers=1", "--nfd.frames=16", "--sde.steps=3", "--sde.eval_steps=2", "--rl.prompts=2",
+            "--rl.group_size=2", "--rl.micro_batch=4", "--rl.steps=2", "--rl.lr=1e-2", "--rl.reward=pixel",
+            "--grpo.beta=0.1", "--data.max_clips=2", "--eval.clips=2", "--eval.videos=0", "--run.threads=1",
+            f"--run.out={out}"]
+    train.main(["configs/minicraft_nfd.yaml", *tiny])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["grad_norm"] > 0 for r in log)
+    assert log[0]["kl_ref"] < 1e-8 < log[1]["kl_ref"]         # anchored to the start, then moving away
+    assert set(json.loads((out / "results.json").read_text())) == {"gt", "recon", "before", "after"}

@@ -1,0 +1,103 @@
+"""What every entry point shares and no stage owns: errors a user must fix and the one line they print,
+checkpoint files read safely and written atomically, the device, torchrun, the learning-rate schedule.
+
+One code path for CPU and 1..N GPUs (DESIGN.md "Conventions"): torchrun sets RANK, WORLD_SIZE and
+LOCAL_RANK; gloo on CPU, nccl on GPU; rank 0 prints, saves and evaluates.
+"""
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """An input the user must fix: bad config, missing/unreadable/truncated file, mismatched checkpoint; the
+    message names the culprit and what to do. `cli` prints it as one line, without a traceback."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A config file or override that does not fit the dataclasses, or a checkpoint that does not fit the
+    configured model; the message names the key or the file."""
+
+
+def cli(main) -> None:
+    """Run `main(sys.argv[1:])` as a command. An error the user must fix is one line on stderr and exit status 2
+    (as argparse does); anything else is a bug and keeps its traceback."""
+    try:
+        main(sys.argv[1:])
+    except (UsageError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        message = " ".join(str(e).split())                    # YAML and key-list messages span lines
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def read_checkpoint(path: str, key: str):
+    """torch.load(path) onto the CPU with weights_only=True (tensors and plain containers: no code runs). A missing
+    file is a FileNotFoundError and an unreadable one a UsageError, both naming the file and the config `key`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}: no checkpoint at {path}; point {key} at an existing file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file raises any of RuntimeError, EOFError, KeyError, UnpicklingError, OSError
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))    # weights_only buries the cause in advice
+        lines = (found.group(1) if found else str(e)).strip().splitlines()
+        detail = type(e).__name__ + (f": {lines[0].split('. ')[0]}" if lines else "")
+        raise UsageError(f"{path}: cannot read the checkpoint (truncated, not a torch file, or not loadable with "
+                         f"weights_only=True: {detail}); re-create it or point {key} at another file") from None
+
+
+def pick_device(device: str) -> torch.device:
+    """run.device "auto" means CUDA when present; under torchrun each process takes GPU LOCAL_RANK."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+
+
+def setup(run) -> tuple[torch.device, int, int]:
+    """Device, rank and world size of this process (run: config.RunConfig); joins the process group when
+    launched by torchrun and sets the CPU threads (run.threads, 0 = torch's default)."""
+    device = pick_device(run.device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    return device, *rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 10 % at `steps` (the multiplier of the peak lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def save_atomic(obj, path: str | Path) -> None:
+    """torch.save through a temp file, fsync and rename: a kill at any moment leaves the old file or the new
+    one, never a torn one. The rename itself is made durable by an fsync of the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
