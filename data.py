@@ -20,6 +20,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from runtime import UsageError
 
@@ -600,12 +601,12 @@ def minicraft_clips(cfg: DataConfig, n: int | None, skips: SkipReport,
 def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.ndarray]], SkipReport]:
     """All clips of cfg.source (at most cfg.max_clips) and the report of what was skipped.
 
-    Raises RuntimeError naming the source and the skip counts when no clip survives.
+    Raises UsageError naming the source and the skip counts when no clip survives.
     """
     skips = SkipReport()
     if cfg.source == "minicraft":
         if cfg.max_clips is None:
-            raise ValueError("data.max_clips must be set when data.source is 'minicraft' (the world is endless)")
+            raise UsageError("data.max_clips must be set when data.source is 'minicraft' (the world is endless)")
         clips = minicraft_clips(cfg, cfg.max_clips, skips)
     else:
         source = Path(cfg.source)
@@ -616,13 +617,14 @@ def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.n
         is_mineworld = source.is_dir() and any(re.fullmatch(r"clip_\d+", p.stem) for p in source.glob("clip_*.mp4"))
         clips = read_mineworld_folder(source, cfg, skips) if is_mineworld else read_contractor(source, cfg, skips)
     out = []
-    for clip in clips:
+    for clip in tqdm(clips, total=cfg.max_clips, desc=f"clips ({cfg.source}, seed {cfg.seed})", unit="clip",
+                     leave=False):
         out.append(clip)
         if cfg.max_clips is not None and len(out) >= cfg.max_clips:
             break
     if not out:
-        raise RuntimeError(f"no usable {cfg.clip_len}-frame clips in {cfg.source}\n{skips}\n"
-                           f"Check the files above, or relax data.static_threshold / data.drop_gui.")
+        raise UsageError(f"no usable {cfg.clip_len}-frame clips in {cfg.source} ({skips}); check the files, "
+                         f"or relax data.static_threshold / data.drop_gui")
     return out, skips
 
 

@@ -321,7 +321,7 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
         gt = batch["frames"]  # [B, 16, H, W, 3] uint8
         gen = videos(batch, i).cpu()  # [B, 16, H, W, 3] uint8; a GPU rollout comes back to the host
         if gen.shape != gt.shape or gen.dtype != torch.uint8:
-            raise ValueError(f"{name}: generated videos must be uint8 {tuple(gt.shape)} (frame 0 = x0); got "
+            raise ValueError(f"{name}: generated videos must be uint8 {tuple(gt.shape)} (frame 0 = x0 or its tokenizer round trip); got "
                              f"{gen.dtype} {tuple(gen.shape)}")
         true.append(batch["groups"][:, 1:].numpy())  # [B, 15, 9]; a_t for t = 1..15
         groups_r, _ = idm_read(s.reward_idm, gen)
@@ -386,7 +386,7 @@ def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list
              scorers: Scorers | None = None, videos_out: list | None = None, tokens: dict | None = None) -> dict:
     """Score a world model. `generate(x0 uint8 [B, H, W, 3], batch from data.collate) -> uint8
     [B, 16, H, W, 3]` rolls out actions a_1..a_15 (batch["buttons"/"camera"/"tokens"][:, 1:]) from x0 and
-    returns frame 0 = x0 and the 15 generated frames. Returns one metrics row (see `main`). If
+    returns frame 0 (x0, or x0 through the world model's tokenizer) and the 15 generated frames. Returns one metrics row (see `main`). If
     `videos_out` is a list, the first cfg.videos generated clips are appended to it (side-by-side video).
     `tokens`: how batch["tokens"] is made (data.collate's offset and camera_tokens)."""
     return _score(name, clips, cfg, lambda batch, _: generate(batch["frames"][:, 0], batch), True, scorers, videos_out,

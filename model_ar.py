@@ -512,7 +512,7 @@ class Rollout:
     tokens: torch.Tensor  # [B, L] long: the whole clip sequence, given and generated
     logp: torch.Tensor  # [B, L] float, detached: log π_old(token | prefix) at sampling time; 0 where mask is 0
     mask: torch.Tensor  # [B, L] float: 1 on generated image tokens only (frame 0 and actions masked, §4.2)
-    frames: torch.Tensor  # [B, F, H, W, 3] uint8: x0, then the F-1 decoded generated frames
+    frames: torch.Tensor  # [B, F, H, W, 3] uint8: x0's tokenizer round trip, then the F-1 decoded generated frames
     temperature: float  # softmax temperature the log-probs are taken under (log_probs replays it)
     frame_of: torch.Tensor  # [L] long: the frame each entry belongs to (frame t's image tokens, then act(a_{t+1}))
     ref: torch.Tensor | None = None  # [B, L] float: log π_ref(token | prefix) (reference), for the KL of Eq. 2
@@ -573,9 +573,10 @@ def generate(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, t
             logits = model.transformer(tokens[:, pos:pos + step], pos, cache)[:, -1]  # [B, V]
             pos += step
     gen = generated_positions(cfg, device)  # [L]
-    ids = rearrange(tokens[:, gen], "b (f n) -> b f n", n=n)  # [B, F-1, N]
-    decoded = [model.tokenizer.decode(ids[:, t]) for t in range(cfg.frames - 1)]  # F-1 × [B, H, W, 3]
-    frames = torch.stack([x0.to(device), *decoded], dim=1)  # [B, F, H, W, 3]
+    ids = torch.cat([tokens[:, :n], tokens[:, gen]], dim=1)  # [B, F·N]: img_0, then the generated images
+    ids = rearrange(ids, "b (f n) -> b f n", n=n)  # [B, F, N]
+    # Frame 0 too goes through the tokenizer: every frame the IDM reads shows the tokenizer's view (DESIGN.md)
+    frames = torch.stack([model.tokenizer.decode(ids[:, t]) for t in range(cfg.frames)], dim=1)  # [B, F, H, W, 3]
     mask = gen.float().expand(b, -1).clone()  # [B, L]
     frame_of = torch.arange(cfg.seq_len, device=device) // cfg.frame_len  # [L]
     return Rollout(tokens=tokens, logp=logp, mask=mask, frames=frames, temperature=temperature, frame_of=frame_of)

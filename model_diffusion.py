@@ -375,7 +375,7 @@ def fm_loss(model: NFD, frames: torch.Tensor, action_tokens: torch.Tensor,
 
 @dataclass
 class Rollout:
-    frames: torch.Tensor  # uint8 [B, F, H, W, 3]: the given x0, then the F−1 generated frames
+    frames: torch.Tensor  # uint8 [B, F, H, W, 3]: x0's tokenizer round trip, then the F−1 generated frames
     logp: torch.Tensor  # float32 [B, (F−1)·K]: log-prob of transition (f, k) at index (f−1)·K + k, detached
     mask: torch.Tensor  # float32 [B, (F−1)·K]: 1 on the trained steps τ of each trajectory (never step K−1)
     latents: torch.Tensor  # float32 [B, F, N, C]: encoded x0 and the clean generated latents (the replay context)
@@ -444,10 +444,10 @@ def generate(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, solve) -
     return torch.stack(lat, dim=1), extras  # [B, F, N, C]
 
 
-def decode_clip(model: NFD, x0: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """x0 [B, H, W, 3] and the latents of frames 0..F−1 [B, F, N, C] -> the clip uint8 [B, F, H, W, 3]."""
-    gen = model.ae.decode(latents[:, 1:].flatten(0, 1)).view(latents.shape[0], -1, *x0.shape[1:])  # [B, F-1, H, W, 3]
-    return torch.cat([x0[:, None], gen], dim=1)  # [B, F, H, W, 3]
+def decode_clip(model: NFD, latents: torch.Tensor) -> torch.Tensor:
+    """Latents of frames 0..F−1 [B, F, N, C] -> the clip uint8 [B, F, H, W, 3]. Frame 0 is x0's encoding
+    decoded again: every frame the IDM reads shows the tokenizer's view, the context frame included (DESIGN.md)."""
+    return rearrange(model.ae.decode(latents.flatten(0, 1)), "(b f) h w c -> b f h w c", b=latents.shape[0])
 
 
 @torch.no_grad()
@@ -474,7 +474,7 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
     traj = rearrange(torch.stack([t for t, _ in extras]), "f k b n c -> b f k n c")  # [B, F-1, K+1, N, C]
     logp = torch.stack([lp for _, lp in extras], dim=1).reshape(B, -1)  # [B, (F-1)K]
     mask = sel[:, None, :].expand(B, n_f - 1, s.steps).reshape(B, -1).float()  # [B, (F-1)K], same steps every frame
-    return Rollout(frames=decode_clip(model, x0, latents), logp=logp, mask=mask, latents=latents, traj=traj,
+    return Rollout(frames=decode_clip(model, latents), logp=logp, mask=mask, latents=latents, traj=traj,
                    ts=ts, g=g, actions=action_tokens.long(),
                    frame_of=torch.arange((n_f - 1) * s.steps, device=dev) // s.steps + 1)
 
@@ -542,4 +542,4 @@ def sample_frames(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg
     B, n_f = action_tokens.shape[:2]
     z1 = sde.randn((B, n_f - 1, model.n_tok, model.cfg.latent_channels), generator, x0.device)  # [B, F-1, N, C]
     latents, _ = generate(model, x0, action_tokens, lambda v_fn, f: (sde.ode_sample(v_fn, z1[:, f - 1], cfg.sde), None))
-    return decode_clip(model, x0, latents)  # [B, F, H, W, 3]
+    return decode_clip(model, latents)  # [B, F, H, W, 3]

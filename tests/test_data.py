@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from runtime import UsageError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 if not FIXTURES.exists():
@@ -311,13 +312,13 @@ def test_mineworld_folder_bad_inputs_are_skipped_and_counted(tmp_path):
 def test_nothing_survives_raises_with_path_and_counts(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RuntimeError, match="empty_folder") as err:
+    with pytest.raises(UsageError, match="empty_folder") as err:
         data.load_clips(_cfg(empty))
     assert str(empty) in str(err.value)
     bad = tmp_path / "bad"
     data.write_clip(bad, 0, _moving_frames(t=8), _random_actions(8))
     data.write_clip(bad, 1, np.zeros((16, 16, 16, 3), np.uint8), _random_actions(16))  # static
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(UsageError) as err:
         data.load_clips(_cfg(bad))
     message = str(err.value)
     assert str(bad) in message and "'too_short': 1" in message and "'static': 1" in message
@@ -364,7 +365,7 @@ def test_contractor_reader_shift_gui_and_index(tmp_path, contractor_lines):
 def test_contractor_reader_counts_length_mismatch(tmp_path, contractor_lines):
     frames = np.random.default_rng(2).integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
     _write_recording(tmp_path, "rec", contractor_lines, frames)  # 40 frames, 43 lines
-    with pytest.raises(RuntimeError, match="length_mismatch"):
+    with pytest.raises(UsageError, match="length_mismatch"):
         data.load_clips(_cfg(tmp_path))
 
 
@@ -447,6 +448,6 @@ def test_contractor_bad_index_and_env_format_jsonl(tmp_path):
     # an env-format jsonl (MineWorld style) next to a recording is not contractor data: skipped, named
     frames = np.random.default_rng(3).integers(0, 256, size=(16, 16, 16, 3), dtype=np.uint8)
     _write_recording(tmp_path / "rec", "r", _random_actions(16), frames)
-    with pytest.raises(RuntimeError, match="'bad_jsonl': 1") as err:
+    with pytest.raises(UsageError, match="'bad_jsonl': 1") as err:
         data.load_clips(_cfg(tmp_path / "rec"))
     assert "r.jsonl: not a contractor jsonl" in str(err.value)
