@@ -11,3 +11,29 @@ train: .venv/.installed
 .venv/.installed: requirements.txt
 	python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && \
 	.venv/bin/pip install -q -r requirements.txt && touch $@
+
+# The laptop-scale embedded assets, rebuilt on 2 CPU cores: `make -j2 assets` (two stages at a time, one
+# thread each). A finished stage's file is kept (delete it to redo the stage); an interrupted stage resumes
+# from its last evaluation (<file>.resume.pt). Order: tokenizers, then IDMs trained on their round trips,
+# then the base world models, evaluated by those IDMs.
+L := assets/laptop
+PRE := .venv/bin/python pretrain.py
+ONE = --run.threads=1 --pretrain.out=$@
+.PHONY: assets
+assets: $(L)/vq.pt $(L)/ae.pt $(L)/idm_reward.pt $(L)/idm_judge.pt $(L)/ar_base.pt $(L)/nfd_base.pt
+
+$(L)/vq.pt: | .venv/.installed
+	$(PRE) vq configs/laptop_ar.yaml $(ONE) --data.max_clips=2000 --pretrain.steps=1500 --pretrain.batch_size=4 \
+		--pretrain.eval_every=300 --pretrain.eval_clips=32
+$(L)/ae.pt: | .venv/.installed
+	$(PRE) ae configs/laptop_nfd.yaml $(ONE) --data.max_clips=2000 --pretrain.steps=1500 --pretrain.batch_size=4 \
+		--pretrain.eval_every=300 --pretrain.eval_clips=32
+$(L)/idm_%.pt: $(L)/vq.pt $(L)/ae.pt
+	$(PRE) idm configs/laptop_idm_$*.yaml $(ONE) --pretrain.steps=2000 --pretrain.batch_size=8 --pretrain.lr=5e-4 \
+		--pretrain.warmup=100 --pretrain.eval_every=500 --pretrain.eval_clips=64
+$(L)/ar_base.pt: $(L)/vq.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
+	$(PRE) ar configs/laptop_ar.yaml $(ONE) --data.max_clips=4000 --data.seed=3 --pretrain.steps=900 \
+		--pretrain.batch_size=16 --pretrain.eval_every=300 --pretrain.eval_clips=32
+$(L)/nfd_base.pt: $(L)/ae.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
+	$(PRE) nfd configs/laptop_nfd.yaml $(ONE) --data.max_clips=4000 --data.seed=4 --pretrain.steps=1400 \
+		--pretrain.batch_size=8 --pretrain.eval_every=350 --pretrain.eval_clips=32

@@ -207,7 +207,9 @@ class PretrainConfig:
     eval_every: int = 200       # steps between held-out evaluations
     eval_clips: int = 128       # held-out clips for those evaluations (minicraft seed eval_seed)
     eval_seed: int = 1000       # minicraft seed of the held-out clips (never trained on)
-    label_noise: float = 0.0    # ar/nfd: fraction of clips trained on another clip's actions (README)
+    label_noise: float = 0.0    # ar/nfd: fraction of clips trained on another clip's actions (docs/)
+    roundtrip: float = 0.0      # idm: fraction of clips shown through a world-model tokenizer round trip
+                                # (vq.init_from / ae.init_from), so the IDM reads generated frames as real ones
 
 
 @dataclasses.dataclass

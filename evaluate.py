@@ -521,6 +521,24 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gap_closed(results: dict) -> dict:
+    """What RLIR bought, from the rows gt, recon, before, after: the change of judge F1 (the held-out IDM),
+    the share of the before-to-recon gap it closes (recon: the tokenizer's bound, what a perfect world model
+    scores), the change of the reward IDM's F1 beside it (a reward gain the judge does not share is reward
+    hacking) and of PSNR (visual quality)."""
+    before, after, bound = results["before"], results["after"], results["recon"]["judge_f1_macro"]
+    gain = after["judge_f1_macro"] - before["judge_f1_macro"]
+    gap = bound - before["judge_f1_macro"]
+    return {"judge_f1_gain": gain, "gap_to_recon": gap, "gap_closed": gain / gap if gap > 0 else float("nan"),
+            "reward_f1_gain": after["f1_macro"] - before["f1_macro"], "psnr_change": after["psnr"] - before["psnr"]}
+
+
+def gap_line(g: dict) -> str:
+    """gap_closed's figures as one sentence for the terminal."""
+    return (f"judge F1 {g['judge_f1_gain']:+.3f}: {g['gap_closed']:.0%} of the {g['gap_to_recon']:.3f} gap to recon "
+            f"closed; reward-IDM F1 {g['reward_f1_gain']:+.3f}; PSNR {g['psnr_change']:+.2f} dB")
+
+
 def write_side_by_side(path: str | Path, rows: list[torch.Tensor], fps: int) -> None:
     """Rows of videos uint8 [N, 16, H, W, 3] (GT first, then each model) -> one mp4: for each clip, the
     rows stacked top to bottom with a 2-pixel white gap, clips one after another."""

@@ -4,7 +4,7 @@ RLIR post-trains a *pretrained* world model and scores it with a *trained* IDM (
 For real Minecraft those are MineWorld's checkpoints and OpenAI's VPT IDM; for the embedded world
 this script makes small ones, and `assets/minicraft/` ships them. One stage per run:
 
-    python pretrain.py idm configs/pretrain_idm_reward.yaml     # reward IDM (2 CPU cores: see README)
+    python pretrain.py idm configs/pretrain_idm_reward.yaml     # reward IDM (docs/2026-11-22-embedded-idms.md)
     python pretrain.py idm configs/pretrain_idm_judge.yaml      # judge IDM: other worlds, other init
     python pretrain.py vq  configs/minicraft_ar.yaml            # VQ tokenizer of the AR world model
     python pretrain.py ar  configs/minicraft_ar.yaml            # AR base model (MLE, next token)
@@ -52,14 +52,14 @@ def clips_and_held_out(cfg: Config, offset: int = 8192) -> tuple[list, dict, lis
     held = data.load_clips(held_cfg)[0]
     print(f"data: {len(clips)} train clips (seed {cfg.data.seed}), {pc.eval_clips} held-out "
           f"(seed {pc.eval_seed}) in {time.time() - t0:.0f}s; skipped: {dict(skips.counts)}")
-    return clips, data.collate(held, offset), held
+    return clips, data.collate(held, offset, cfg.data.camera_tokens), held
 
 
 def action_following(api, model, held: list, cfg: Config, device: torch.device) -> dict:
     """Judge-IDM macro F1 and PSNR of clips the world model (`api`: model_ar or model_diffusion) samples
     from held-out prompts, with train.py's evaluation, so the numbers mean what RLIR's before/after rows
     mean: the base model's distance to the recon row is the headroom RLIR works with, and the figure that
-    says where to stop (README)."""
+    says where to stop (docs/2026-11-22-base-world-models.md)."""
     row = evaluate.world_model_rows(api, model, held, cfg, ("pretrain",), device)["pretrain"]
     return {"judge_f1": round(row["judge_f1_macro"], 4), "judge_cam_err": round(row["judge_camera_bin_error"], 3),
             "psnr": round(row["psnr"], 2)}
@@ -74,8 +74,8 @@ def half(module: torch.nn.Module) -> dict:
 def noisy_labels(tokens: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """Label noise: a fraction p of the batch's clips get the actions of another clip of the batch
     (the selected rows swap their actions in a cycle), like gameplay logs whose labels the video does
-    not show: a way to make a base model that follows the given actions less well (README, "What
-    limits the gain", on why that did not make RLIR's job easier)."""
+    not show: a way to make a base model that follows the given actions less well (docs/2026-11-22-label-noise.md
+    on why that did not make RLIR's job easier)."""
     swap = (torch.rand(len(tokens), generator=gen) < p).nonzero().flatten()   # [S] rows to relabel
     tokens = tokens.clone()                                   # [B, T, 11] action tokens
     tokens[swap] = tokens[swap.roll(1)]
@@ -104,24 +104,36 @@ def average_gradients(params: list, world: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.device) -> None:
-    """The loop every stage shares: AdamW with warmup + cosine, gradient clipping, a JSONL log next
-    to the checkpoint, a held-out evaluation and a save every `eval_every` steps (rank 0 only)."""
+def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save, device: torch.device) -> None:
+    """The loop every stage shares: AdamW on the trainable parameters of `module` with warmup + cosine,
+    gradient clipping, a JSONL log next to the checkpoint, a held-out evaluation every `eval_every` steps.
+    Resumable: each evaluation also writes <out>.resume.pt (weights, optimizer, step; atomic), which a rerun
+    of the same command continues from (the data stream restarts its epoch); the finished stage writes
+    `save(out)` once, at the end, and removes the resume file, so an existing <out> means a finished stage."""
     pc = cfg.pretrain
     rank, world = runtime.rank_world()
     out = Path(pc.out or f"assets/minicraft/{name}.pt")
-    params = [p for p in params if p.requires_grad]
-    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}, "
-          f"{world} rank(s); checkpoint, log and resolved config at {out.with_suffix('')}.*")
+    resume, log_path = out.with_suffix(".resume.pt"), out.with_suffix(".log.jsonl")
+    params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
+    start = 0
+    if resume.exists():
+        state = runtime.read_checkpoint(str(resume), "the stage's resume file")
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+    print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}, {world} rank(s), "
+          f"steps {start + 1}..{pc.steps}; checkpoint, log and resolved config at {out.with_suffix('')}.*")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
     log = None
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        log = open(out.with_suffix(".log.jsonl"), "w")
+        runtime.trim_log(log_path, start)                     # a killed run may have logged past its resume point
+        log = open(log_path, "a")
         out.with_suffix(".config.yaml").write_text(config.dump(cfg))    # the resolved config, beside the log
-    for step in (bar := tqdm(range(pc.steps), desc=name, disable=rank > 0)):
+    for step in (bar := tqdm(range(start, pc.steps), desc=name, disable=rank > 0)):
         for g in opt.param_groups:
             g["lr"] = pc.lr * runtime.lr_factor(step, pc.steps, pc.warmup)
         with autocast:
@@ -138,13 +150,16 @@ def fit(name: str, cfg: Config, params, loss_fn, evaluate, save, device: torch.d
                "seconds": round(time.time() - t0, 1)}
         if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
             row.update(evaluate())
-            save(out)
+            runtime.save_atomic({"module": module.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                                 "rng": torch.get_rng_state()}, resume)
             bar.write(json.dumps(row))
         bar.set_postfix(loss=row["loss"])
         log.write(json.dumps(row) + "\n")
         log.flush()
     if rank == 0:
         log.close()
+        save(out)
+        resume.unlink(missing_ok=True)
         print(f"saved {out} after {time.time() - t0:.0f}s of training")
 
 
@@ -166,21 +181,63 @@ def idm_accuracy(model: idm_lib.IDM, batch: dict, chunk: int = 32) -> dict:
     return out
 
 
+def tokenizer_roundtrips(cfg: Config, device: torch.device) -> list:
+    """The world models' tokenizer round trips that this config names (vq.init_from: the AR world model's VQ,
+    ae.init_from: the NFD world model's autoencoder), each frames uint8 [..., H, W, 3] -> the same shape."""
+    trips = []
+    if cfg.vq.init_from != "scratch" and not cfg.vq.diffusers_config:
+        tok = model_ar.Tokenizer(cfg.vq)
+        model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
+        tok.to(device).requires_grad_(False).eval()
+        trips.append(lambda x: tok.decode(tok.encode(x.flatten(0, -4))).view(x.shape))
+    if cfg.ae.init_from:
+        ae = model_diffusion.FrameAE(cfg.ae)
+        model_diffusion.load_weights(ae, cfg.ae.init_from)
+        ae.to(device).requires_grad_(False).eval()
+        trips.append(lambda x: ae.decode(ae.encode(x.flatten(0, -4))).view(x.shape))
+    return trips
+
+
 def train_idm(cfg: Config, device: torch.device) -> None:
     clips, held, _ = clips_and_held_out(cfg)
-    init = cfg.pretrain.init_from
+    init, p_trip = cfg.pretrain.init_from, cfg.pretrain.roundtrip
     model = (idm_lib.load(init, "pretrain.init_from") if init else idm_lib.IDM.from_config(cfg.idm)).to(device)
     batches = data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world())
+    trips = tokenizer_roundtrips(cfg, device) if p_trip > 0 else []
+    if p_trip > 0 and not trips:
+        raise config.UsageError("pretrain.roundtrip > 0 needs a tokenizer to round-trip through: set vq.init_from "
+                                "and/or ae.init_from")
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + 2 + runtime.rank_world()[0])
+
+    @torch.no_grad()
+    def augment(frames: torch.Tensor) -> torch.Tensor:
+        """A fraction pretrain.roundtrip of the clips through one of the tokenizers (each equally likely): the
+        IDM learns to read the world models' view of a frame as it reads the frame (DESIGN.md)."""
+        pick = torch.rand(len(frames), generator=gen) < p_trip  # [B]
+        which = torch.randint(len(trips), (len(frames),), generator=gen)  # [B]
+        frames = frames.clone()
+        for i, trip in enumerate(trips):
+            rows = (pick & (which == i)).nonzero().flatten().to(frames.device)
+            if len(rows):
+                frames[rows] = trip(frames[rows])  # [b, T, H, W, 3]
+        return frames
 
     def loss_fn(step):
         batch = {k: v.to(device) for k, v in next(batches).items()}
+        frames = augment(batch["frames"]) if trips else batch["frames"]   # [B, T, H, W, 3]
         model.train()
-        mask = torch.ones(batch["frames"].shape[:2], device=device)  # [B, T]
+        mask = torch.ones(frames.shape[:2], device=device)   # [B, T]
         mask[:, 0] = 0                                        # a_0 happened before the clip
-        return idm_lib.idm_loss(model(batch["frames"]), batch["buttons"], batch["camera_bins"], mask)
+        return idm_lib.idm_loss(model(frames), batch["buttons"], batch["camera_bins"], mask)
 
-    fit("idm", cfg, model.parameters(), loss_fn, lambda: idm_accuracy(model, held),
-        lambda out: idm_lib.save(model, str(out)), device)
+    def evaluate():                                           # on raw frames, and on round trips if trained so
+        acc = idm_accuracy(model, held)
+        for i, trip in enumerate(trips):
+            trip_acc = idm_accuracy(model, {**held, "frames": torch.cat([trip(f.to(device)).cpu() for f in held["frames"].split(16)])})
+            acc[f"roundtrip{i}_acc_exact"] = trip_acc["acc_exact"]
+        return acc
+
+    fit("idm", cfg, model, loss_fn, evaluate, lambda out: idm_lib.save(model, str(out)), device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +275,7 @@ def train_vq(cfg: Config, device: torch.device) -> None:
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2),
                 "codes_used": int(ids.unique().numel())}     # a collapsing codebook shows here
 
-    fit("vq", cfg, tok.parameters(), loss_fn, evaluate,
+    fit("vq", cfg, tok, loss_fn, evaluate,
         lambda out: runtime.save_atomic({"state_dict": half(tok)}, out), device)
 
 
@@ -233,7 +290,7 @@ def train_ar(cfg: Config, device: torch.device) -> None:
         model_ar.load_checkpoint(model, cfg.pretrain.init_from, "pretrain.init_from")
     model.to(device)
     batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world(),
-                                            offset=cfg.ar.n_codes), cfg)
+                                            offset=cfg.ar.n_codes, camera_tokens=cfg.data.camera_tokens), cfg)
 
     def loss_fn(step):                                        # next-token cross-entropy on image
         batch = next(batches)                                 # tokens; actions are given, not learned
@@ -248,7 +305,7 @@ def train_ar(cfg: Config, device: torch.device) -> None:
         return {"held_out_loss": round(float(loss), 4),
                 **action_following(model_ar, model, held_clips, cfg, device)}
 
-    fit("ar", cfg, model.transformer.parameters(), loss_fn, evaluate,
+    fit("ar", cfg, model, loss_fn, evaluate,
         lambda out: runtime.save_atomic({"state_dict": half(model)}, out), device)
 
 
@@ -276,7 +333,7 @@ def train_ae(cfg: Config, device: torch.device) -> None:
         mse = ((ae.decode(ae.encode(x)).float() - x.float()) ** 2).mean()
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2)}
 
-    fit("ae", cfg, ae.parameters(), loss_fn, evaluate,
+    fit("ae", cfg, ae, loss_fn, evaluate,
         lambda out: runtime.save_atomic({"model": half(ae)}, out), device)
 
 
@@ -290,7 +347,8 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
     if cfg.pretrain.init_from:
         model_diffusion.load_weights(model, cfg.pretrain.init_from, "pretrain.init_from")
     model.to(device)
-    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world()), cfg)
+    batches = with_label_noise(data.batches(clips, cfg.pretrain.batch_size, cfg.run.seed, 0, *runtime.rank_world(),
+                                            camera_tokens=cfg.data.camera_tokens), cfg)
     gen = torch.Generator(device).manual_seed(cfg.run.seed * 1000 + runtime.rank_world()[0])
 
     def loss_fn(step):                                        # flow matching, an independent noise
@@ -306,7 +364,7 @@ def train_nfd(cfg: Config, device: torch.device) -> None:
         return {"held_out_loss": round(float(loss), 4),
                 **action_following(model_diffusion, model, held_clips, cfg, device)}
 
-    fit("nfd", cfg, model.parameters(), loss_fn, evaluate,
+    fit("nfd", cfg, model, loss_fn, evaluate,
         lambda out: runtime.save_atomic({"model": half(model)}, out), device)
 
 

@@ -4,6 +4,8 @@ checkpoint files read safely and written atomically, the device, torchrun, the l
 One code path for CPU and 1..N GPUs (DESIGN.md "Conventions"): torchrun sets RANK, WORLD_SIZE and
 LOCAL_RANK; gloo on CPU, nccl on GPU; rank 0 prints, saves and evaluates.
 """
+import contextlib
+import json
 import math
 import os
 import re
@@ -101,3 +103,14 @@ def save_atomic(obj, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume, keep log rows 1..step: a killed run may have logged steps past its checkpoint,
+    and its last line may be torn."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+    path.write_text("".join(rows))

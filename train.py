@@ -217,17 +217,6 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
     return state["step"]
 
 
-def trim_log(path: Path, step: int) -> None:
-    """On resume, keep log rows 1..step: a killed run may have logged steps past its checkpoint,
-    and its last line may be torn."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else ():
-        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-            if json.loads(line)["step"] <= step:
-                rows.append(line + "\n")
-    path.write_text("".join(rows))
-
-
 # ---------------------------------------------------------------------------------------------
 # One GRPO iteration in two stages (§4): collect experience, then update the policy on it.
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +317,12 @@ def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path) -
 def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) -> None:
     """Row after into results.json, the table printed, side_by_side.mp4 (GT | before | after, clip by clip)."""
     results, videos = json.loads((out / "results.json").read_text()), []
+    results.pop("gap", None)                                   # a rerun after a finished run recomputes it
     results.update(evaluate.world_model_rows(api, model, held, cfg, ("after",), device, None, scorers, videos))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    gap = evaluate.gap_closed(results)
+    (out / "results.json").write_text(json.dumps({**results, "gap": gap}, indent=1))
     print(evaluate.markdown_table(list(results.values())))
+    print(evaluate.gap_line(gap))
     if videos:
         gt = data.collate(held[:cfg.eval.videos])["frames"]     # [n, 16, H, W, 3]
         before = torch.load(out / "videos_before.pt", weights_only=True)
@@ -389,7 +381,7 @@ def main(argv: list[str]) -> None:
         start = load_checkpoint(ckpt, model, opt, sched)
         say(f"resumed from {ckpt} at step {start}")
         if rank == 0:
-            trim_log(out / "log.jsonl", start)
+            runtime.trim_log(out / "log.jsonl", start)
     stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     if rank == 0 and start == 0:

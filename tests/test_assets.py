@@ -1,4 +1,4 @@
-"""The shipped embedded assets: the IDMs still meet the bar the README states (the GT row on 256
+"""The shipped embedded assets: the IDMs still meet the bar docs/2026-11-22-embedded-idms.md states (the GT row on 256
 held-out clips); the base world models load into their configs and leave headroom below that row."""
 import dataclasses
 
@@ -18,7 +18,7 @@ def test_shipped_idms_read_ground_truth_clips():
     for prefix in ("", "judge_"):
         assert row[prefix + "f1_macro"] >= 0.90, (prefix, row[prefix + "f1_macro"])
         assert row[prefix + "camera_acc_pitch"] >= 0.90 and row[prefix + "camera_acc_yaw"] >= 0.90
-    assert abs(row["f1_macro"] - 0.9009) < 1e-3               # the README's figure, deterministic
+    assert abs(row["f1_macro"] - 0.9009) < 1e-3               # the documented figure, deterministic
 
 
 @pytest.mark.parametrize("yaml", ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"])
@@ -39,7 +39,7 @@ def test_shipped_world_models_load_into_their_configs(yaml):
 @pytest.mark.slow
 @pytest.mark.parametrize("yaml", ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"])
 def test_shipped_base_models_leave_headroom_below_the_gt_row(yaml):
-    """README: the base models follow actions imperfectly, >= 0.12 judge F1 below the GT row (64 clips)."""
+    """The base models follow actions imperfectly, >= 0.12 judge F1 below the GT row (64 clips)."""
     cfg, _ = config.parse(config.Config, [yaml, "--eval.videos=0", "--eval.device=cpu"])
     held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))
     gt = evaluate.evaluate_gt(held, cfg.eval)

@@ -397,3 +397,14 @@ def test_cli_writes_metrics_and_side_by_side(clips, idms, alexnet_features, tmp_
     assert saved[1]["psnr"] > 28 and 0 <= saved[1]["lpips"] < 0.05 and saved[0]["lpips"] is None
     video = data.read_video(out / "side_by_side.mp4")
     assert video.shape == (2 * 16, 2 * 64 + 2, 64, 3)  # 2 clips x 16 frames; GT over model, 2-px gap
+
+
+def test_gap_closed_by_hand():
+    """before 0.70, recon 0.86, after 0.78: +0.08 of a 0.16 gap = 50 %; reward IDM +0.10; PSNR -0.2 dB."""
+    row = lambda judge, reward, psnr: {"judge_f1_macro": judge, "f1_macro": reward, "psnr": psnr}  # noqa: E731
+    g = ev.gap_closed({"recon": row(0.86, 0.9, 25.0), "before": row(0.70, 0.72, 15.0),
+                             "after": row(0.78, 0.82, 14.8)})
+    assert g["gap_closed"] == pytest.approx(0.5) and g["judge_f1_gain"] == pytest.approx(0.08)
+    assert g["reward_f1_gain"] == pytest.approx(0.10) and g["psnr_change"] == pytest.approx(-0.2)
+    assert ev.gap_line(g) == ("judge F1 +0.080: 50% of the 0.160 gap to recon closed; reward-IDM F1 +0.100; "
+                                    "PSNR -0.20 dB")

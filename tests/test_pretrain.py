@@ -102,3 +102,39 @@ def test_torchrun_two_ranks_average_gradients_like_one_process(tmp_path):
     # gradients (measured: 0.01 % of weights), while one clip's gradient moves nearly all (95 %).
     assert differing(one, two) < 1e-3
     assert differing(one, alone) > 0.5
+
+
+def test_an_interrupted_stage_resumes_from_its_last_evaluation(tmp_path, monkeypatch):
+    """A stage killed after step 3 of 4 (evaluations every 2 steps) leaves no <out>, only <out>.resume.pt at
+    step 2; the same command then runs steps 3..4, logs each step once, writes <out> and drops the resume file."""
+    out = tmp_path / "idm.pt"
+    argv = ["idm", *TINY, "--pretrain.steps=4", "--idm.hidsize=32", "--idm.attention_heads=2", f"--pretrain.out={out}"]
+    real, calls = idm_lib.idm_loss, []
+
+    def dies_at_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt                           # a kill in the middle of step 4
+        return real(*a, **k)
+
+    monkeypatch.setattr(idm_lib, "idm_loss", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(argv)
+    resume = out.with_suffix(".resume.pt")
+    assert not out.exists() and torch.load(resume, weights_only=True)["step"] == 2
+    monkeypatch.setattr(idm_lib, "idm_loss", real)
+    pretrain.main(argv)
+    log = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and out.exists() and not resume.exists()
+
+
+def test_idm_trains_on_tokenizer_round_trips_and_reports_them(tmp_path):
+    """pretrain.roundtrip: the IDM sees clips through the named tokenizer and is scored on its round trips."""
+    vq_args = ["--vq.channels=8", "--vq.code_dim=8", "--vq.codebook_size=16"]
+    vq, _ = run("vq", tmp_path, *vq_args)
+    (tmp_path / "idm").mkdir()
+    _, last = run("idm", tmp_path / "idm", "--idm.hidsize=32", "--idm.attention_heads=2", *vq_args,
+                  f"--vq.init_from={vq}", "--pretrain.roundtrip=0.5")
+    assert 0 <= last["roundtrip0_acc_exact"] <= 1 and 0 <= last["acc_exact"] <= 1
+    with pytest.raises(config.UsageError, match="needs a tokenizer"):
+        pretrain.main(["idm", *TINY, "--pretrain.roundtrip=0.5", f"--pretrain.out={tmp_path / 'x.pt'}"])
