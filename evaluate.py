@@ -353,6 +353,10 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     pred_r, pred_j = np.concatenate(pred_r), np.concatenate(pred_j)  # [N, 15, 9] each
     for prefix, pred in (("", pred_r), ("judge_", pred_j)):
         row.update({prefix + k: v for k, v in action_following(pred, true_a).items()})
+    # How often the reward and judge IDMs read the same 7 discrete groups off a frame: GRPO can only amplify
+    # the part of the reward the judge also sees (DESIGN.md, the embedded experiment)
+    g = data.N_DISCRETE_GROUPS
+    row["idm_agreement"] = float((pred_r[..., :g] == pred_j[..., :g]).all(-1).mean())
     # Judge F1 along the clip, frames 1-5, 6-10, 11-15: a fall means errors compound over the rollout
     # (drift that only training on the model's own rollouts sees); a flat profile means they do not.
     for a in (1, 6, 11):
@@ -506,7 +510,7 @@ def evaluate_folder(gen_dir: str | Path, clips: list, cfg: EvalConfig, name: str
 
 TABLE = (("name", "name"), ("F1", "f1_macro"), ("P", "precision_macro"), ("R", "recall_macro"),
          ("F1 micro", "f1_micro"), ("cam err", "camera_bin_error"), ("judge F1", "judge_f1_macro"),
-         ("judge cam err", "judge_camera_bin_error"), ("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
+         ("judge cam err", "judge_camera_bin_error"), ("agree", "idm_agreement"), ("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
          ("FVD", "fvd"), ("bright", "brightness"), ("clips/s", "clips_per_s"))
 
 

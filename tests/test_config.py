@@ -86,7 +86,8 @@ def test_config_name_is_the_yaml_stem(tmp_path):
 
 SHIPPED = {"mineworld_300m": "ar", "mineworld_700m": "ar", "mineworld_1200m": "ar", "minicraft_ar": "ar",
            "minicraft_nfd": "nfd", "nfd_310m": "nfd", "nfd_774m": "nfd",
-           "pretrain_idm_judge": "ar", "pretrain_idm_reward": "ar"}  # IDM pretraining ignores run.world_model
+           "pretrain_idm_judge": "ar", "pretrain_idm_reward": "ar",  # IDM pretraining ignores run.world_model
+           "laptop_ar": "ar", "laptop_nfd": "nfd", "laptop_idm_judge": "ar", "laptop_idm_reward": "ar"}
 
 
 def test_shipped_configs_are_the_listed_ones():

@@ -408,3 +408,12 @@ def test_gap_closed_by_hand():
     assert g["reward_f1_gain"] == pytest.approx(0.10) and g["psnr_change"] == pytest.approx(-0.2)
     assert ev.gap_line(g) == ("judge F1 +0.080: 50% of the 0.160 gap to recon closed; reward-IDM F1 +0.100; "
                                     "PSNR -0.20 dB")
+
+
+def test_idm_agreement_is_one_for_the_same_idm_and_counts_frames(clips, idms):
+    """idm_agreement: the share of scored frames where both IDMs read the same 7 discrete groups; one IDM as
+    both reward and judge agrees with itself on every frame, two different random IDMs on fewer."""
+    same = ev.evaluate_gt(clips, _cfg((idms[0], idms[0])))
+    assert same["idm_agreement"] == 1.0
+    row = ev.evaluate_gt(clips, _cfg(idms))
+    assert 0 <= row["idm_agreement"] < 1

@@ -84,7 +84,8 @@ def test_run_writes_config_log_checkpoint_and_results(assets, tmp_path):
     gt = data.collate(held)["frames"][0].numpy()              # [16, 64, 64, 3]
     assert np.abs(video[:16, :64].astype(int) - gt).mean() < 8   # row 1 is the first GT clip (mp4 loss)
     rows = json.loads((out / "results.json").read_text())
-    assert set(rows) == {"gt", "recon", "before", "after"} and "judge_f1_macro" in rows["after"]
+    assert set(rows) == {"gt", "recon", "before", "after", "gap"} and "judge_f1_macro" in rows["after"]
+    assert rows["gap"]["judge_f1_gain"] == rows["after"]["judge_f1_macro"] - rows["before"]["judge_f1_macro"]
     assert rows["gt"]["psnr"] is None and rows["after"]["psnr"] > 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
@@ -170,4 +171,4 @@ def test_nfd_run_end_to_end_with_a_kl_anchor(tmp_path):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["grad_norm"] > 0 for r in log)
     assert log[0]["kl_ref"] < 1e-8 < log[1]["kl_ref"]         # anchored to the start, then moving away
-    assert set(json.loads((out / "results.json").read_text())) == {"gt", "recon", "before", "after"}
+    assert set(json.loads((out / "results.json").read_text())) == {"gt", "recon", "before", "after", "gap"}
