@@ -28,12 +28,27 @@ $(L)/vq.pt: | .venv/.installed
 $(L)/ae.pt: | .venv/.installed
 	$(PRE) ae configs/laptop_nfd.yaml $(ONE) --data.max_clips=2000 --pretrain.steps=1500 --pretrain.batch_size=4 \
 		--pretrain.eval_every=300 --pretrain.eval_clips=32
-$(L)/idm_%.pt: $(L)/vq.pt $(L)/ae.pt
-	$(PRE) idm configs/laptop_idm_$*.yaml $(ONE) --pretrain.steps=2000 --pretrain.batch_size=8 --pretrain.lr=5e-4 \
-		--pretrain.warmup=100 --pretrain.eval_every=500 --pretrain.eval_clips=64
+$(L)/idm_%.pt: $(L)/vq.pt $(L)/ae.pt assets/minicraft/idm_%.pt
+	$(PRE) idm configs/laptop_idm_$*.yaml $(ONE) --pretrain.init_from=assets/minicraft/idm_$*.pt \
+		--pretrain.steps=1500 --pretrain.batch_size=8 --pretrain.lr=2e-4 --pretrain.warmup=50 \
+		--pretrain.eval_every=500 --pretrain.eval_clips=64
 $(L)/ar_base.pt: $(L)/vq.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
 	$(PRE) ar configs/laptop_ar.yaml $(ONE) --data.max_clips=4000 --data.seed=3 --pretrain.steps=900 \
 		--pretrain.batch_size=16 --pretrain.eval_every=300 --pretrain.eval_clips=32
 $(L)/nfd_base.pt: $(L)/ae.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
 	$(PRE) nfd configs/laptop_nfd.yaml $(ONE) --data.max_clips=4000 --data.seed=4 --pretrain.steps=1400 \
 		--pretrain.batch_size=8 --pretrain.eval_every=350 --pretrain.eval_clips=32
+
+# The minicraft IDMs the laptop IDMs start from (docs/2026-11-22-embedded-idms.md: four stages on fresh
+# worlds, ~95 min on one core each). Only run when the file is missing.
+M := assets/minicraft
+$(M)/idm_reward.pt $(M)/idm_judge.pt: $(M)/idm_%.pt: | .venv/.installed
+	$(PRE) idm configs/pretrain_idm_$*.yaml --run.threads=1 --pretrain.out=/tmp/idm_$*_1.pt --pretrain.steps=2000
+	$(PRE) idm configs/pretrain_idm_$*.yaml --run.threads=1 --pretrain.out=/tmp/idm_$*_2.pt \
+		--pretrain.init_from=/tmp/idm_$*_1.pt --pretrain.steps=2500 --pretrain.lr=4e-4
+	$(PRE) idm configs/pretrain_idm_$*.yaml --run.threads=1 --pretrain.out=/tmp/idm_$*_3.pt \
+		--pretrain.init_from=/tmp/idm_$*_2.pt --data.seed=$(if $(findstring reward,$*),11,12) --data.max_clips=8000 \
+		--pretrain.steps=3500 --pretrain.lr=3e-4
+	$(PRE) idm configs/pretrain_idm_$*.yaml --run.threads=1 --pretrain.out=$@ --pretrain.init_from=/tmp/idm_$*_3.pt \
+		--data.seed=$(if $(findstring reward,$*),21,22) --data.max_clips=8000 --pretrain.steps=2400 --pretrain.lr=2e-4 \
+		--pretrain.eval_every=400

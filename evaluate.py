@@ -589,9 +589,9 @@ def main(argv: list[str]) -> list[dict]:
     source = flags["data"] or cfg.data.source
     seed = ec.seed if source == "minicraft" else cfg.data.seed
     dc = DataConfig(**{**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips})
-    print(config.dump(dataclasses.replace(cfg, data=dc)))
     out = Path(flags["out"])
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
     clips, skips = data.load_clips(dc)
     print(f"{len(clips)} clips from {source}; {skips}")
     scorers = load_scorers(ec)

@@ -5,16 +5,17 @@ times with the world model, let the reward IDM read the actions back from every 
 (Eq. 3), turn rewards into group-relative advantages (Eq. 1), recompute log-probs under the current
 weights with the action tokens masked (§4.2), and step AdamW on the clipped surrogate (Eq. 2).
 
-    make train                                                   # the same, creating .venv first if needed
     python train.py                                              # embedded world, NFD, CPU (minicraft_nfd.yaml)
+    make train                                                   # the same, creating .venv first if needed
     python train.py configs/minicraft_ar.yaml                    # embedded world, AR, CPU
     python train.py configs/minicraft_ar.yaml --rl.reward=pixel  # the RLVR-World baseline (Eq. 6)
     python train.py configs/mineworld_700m.yaml --data.source=DIR --rl.vpt_idm=4x_idm.model,4x_idm.weights
     torchrun --standalone --nproc_per_node=8 train.py configs/mineworld_700m.yaml ...   # 1 node, 8 GPUs
 
 The run folder (`out/<config name>/` unless --run.out) gets config.yaml, log.jsonl (one line per
-step), ckpt.pt (atomic; a rerun resumes from it), results.json (rows gt, before, after) and
-side_by_side.mp4 (eval.videos held-out clips, rows GT | before | after).
+step), ckpt.pt (atomic; a rerun resumes from it), results.json (rows gt, recon, before, [best_of,] after,
+and gap: the share of the before-to-recon gap closed) and side_by_side.mp4 (eval.videos held-out clips,
+rows GT | before | after).
 
 Robustness (DESIGN.md "Conventions"): the same code runs on 1 CPU process or N torchrun ranks, with a
 fixed global batch (rl.prompts × rl.group_size) and noise that depends on (seed, step, prompt) only, so

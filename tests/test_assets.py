@@ -21,7 +21,8 @@ def test_shipped_idms_read_ground_truth_clips():
     assert abs(row["f1_macro"] - 0.9009) < 1e-3               # the documented figure, deterministic
 
 
-@pytest.mark.parametrize("yaml", ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"])
+@pytest.mark.parametrize("yaml", ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml",
+                                  "configs/laptop_ar.yaml", "configs/laptop_nfd.yaml"])
 def test_shipped_world_models_load_into_their_configs(yaml):
     """The base models load strictly into the configs that name them; their weights are stored in fp16 and the
     built model holds exactly those values in fp32 (every tensor from the file, none left at its init)."""
