@@ -293,8 +293,8 @@ def load_scorers(cfg: EvalConfig) -> Scorers:
             i3d = torch.jit.load(cfg.fvd_features, map_location=device).eval()
         except RuntimeError as e:  # truncated, or not a TorchScript archive
             raise UsageError(f"eval.fvd_features: cannot read {cfg.fvd_features} as TorchScript "
-                                    f"({str(e).strip().splitlines()[0]}); give StyleGAN-V's i3d_torchscript.pt "
-                                    f"or 'idm'") from None
+                             f"({str(e).strip().splitlines()[0]}); give StyleGAN-V's i3d_torchscript.pt "
+                             f"or 'idm'") from None
     return Scorers(reward, judge, lp.to(device) if lp is not None else None, note, i3d, device)
 
 
@@ -321,8 +321,8 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
         gt = batch["frames"]  # [B, 16, H, W, 3] uint8
         gen = videos(batch, i).cpu()  # [B, 16, H, W, 3] uint8; a GPU rollout comes back to the host
         if gen.shape != gt.shape or gen.dtype != torch.uint8:
-            raise ValueError(f"{name}: generated videos must be uint8 {tuple(gt.shape)} (frame 0 = x0 or its tokenizer round trip); got "
-                             f"{gen.dtype} {tuple(gen.shape)}")
+            raise ValueError(f"{name}: generated videos must be uint8 {tuple(gt.shape)} (frame 0 = x0 or its "
+                             f"tokenizer round trip); got {gen.dtype} {tuple(gen.shape)}")
         true.append(batch["groups"][:, 1:].numpy())  # [B, 15, 9]; a_t for t = 1..15
         groups_r, _ = idm_read(s.reward_idm, gen)
         groups_j, latent = idm_read(s.judge_idm, gen)  # latent [B, 16, D]
@@ -390,7 +390,8 @@ def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list
              scorers: Scorers | None = None, videos_out: list | None = None, tokens: dict | None = None) -> dict:
     """Score a world model. `generate(x0 uint8 [B, H, W, 3], batch from data.collate) -> uint8
     [B, 16, H, W, 3]` rolls out actions a_1..a_15 (batch["buttons"/"camera"/"tokens"][:, 1:]) from x0 and
-    returns frame 0 (x0, or x0 through the world model's tokenizer) and the 15 generated frames. Returns one metrics row (see `main`). If
+    returns frame 0 (x0, or x0 through the world model's tokenizer) and the 15 generated frames. Returns one
+    metrics row (see `main`). If
     `videos_out` is a list, the first cfg.videos generated clips are appended to it (side-by-side video).
     `tokens`: how batch["tokens"] is made (data.collate's offset and camera_tokens)."""
     return _score(name, clips, cfg, lambda batch, _: generate(batch["frames"][:, 0], batch), True, scorers, videos_out,
@@ -462,7 +463,8 @@ def world_model_rows(api, model, clips: list, cfg, names: tuple[str, ...], devic
     rows = {}
     for name in names:
         if name == "recon":
-            rows[name] = evaluate_recon(lambda frames: api.roundtrip(model, frames.to(device)), clips, cfg.eval, scorers)
+            rows[name] = evaluate_recon(lambda frames: api.roundtrip(model, frames.to(device)), clips, cfg.eval,
+                                        scorers)
         elif name == "best_of":
             rows[name] = evaluate_best_of(sample, clips, cfg.eval, lambda v, batch: reward(v, batch).mean(1),
                                           scorers=scorers, tokens=tokens)
@@ -510,7 +512,8 @@ def evaluate_folder(gen_dir: str | Path, clips: list, cfg: EvalConfig, name: str
 
 TABLE = (("name", "name"), ("F1", "f1_macro"), ("P", "precision_macro"), ("R", "recall_macro"),
          ("F1 micro", "f1_micro"), ("cam err", "camera_bin_error"), ("judge F1", "judge_f1_macro"),
-         ("judge cam err", "judge_camera_bin_error"), ("agree", "idm_agreement"), ("PSNR", "psnr"), ("SSIM", "ssim"), ("LPIPS", "lpips"),
+         ("judge cam err", "judge_camera_bin_error"), ("agree", "idm_agreement"), ("PSNR", "psnr"),
+         ("SSIM", "ssim"), ("LPIPS", "lpips"),
          ("FVD", "fvd"), ("bright", "brightness"), ("clips/s", "clips_per_s"))
 
 

@@ -114,7 +114,7 @@ def read_model_file(path: str) -> tuple[dict, float]:
         net_args, temperature = args["net"]["args"], args["pi_head_opts"]["temperature"]
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not a VPT IDM .model file: missing {e} under "
-                                 "['model']['args']['net']['args'] / ['pi_head_opts']['temperature']") from None
+                          "['model']['args']['net']['args'] / ['pi_head_opts']['temperature']") from None
     return net_args, float(temperature)  # stored as the int 4; VPT casts it to 4.0
 
 
@@ -435,8 +435,8 @@ def _load_weights(idm: IDM, state_dict: dict, source: str) -> IDM:
                     for k, v in want.items() if k in state_dict and state_dict[k].shape != v.shape)
     if missing or shapes:
         raise ConfigError(f"{source} does not fit this IDM ({len(want)} keys expected): missing keys "
-                                 f"({len(missing)}): {missing[:5]}; mis-shaped keys ({len(shapes)}): {shapes[:5]}; "
-                                 "check that the .model / kwargs file and the weights file belong together")
+                          f"({len(missing)}): {missing[:5]}; mis-shaped keys ({len(shapes)}): {shapes[:5]}; "
+                          "check that the .model / kwargs file and the weights file belong together")
     extra = sorted(state_dict.keys() - want.keys())
     if extra:
         warnings.warn(f"{source}: ignoring {len(extra)} keys the IDM does not have: {extra}")
@@ -485,7 +485,7 @@ def load(path: str, key: str = "rl.reward_idm") -> IDM:
     ckpt = read_checkpoint(path, key)  # plain dict: no code runs on load
     if not isinstance(ckpt, dict) or not {"kwargs", "temperature", "state_dict"} <= ckpt.keys():
         raise UsageError(f"{path} is not an IDM checkpoint (a dict of kwargs, temperature, state_dict written "
-                                f"by idm.save); point {key} at one, e.g. assets/minicraft/idm_reward.pt")
+                         f"by idm.save); point {key} at one, e.g. assets/minicraft/idm_reward.pt")
     with torch.device("meta"):
         idm = IDM(ckpt["kwargs"], ckpt["temperature"])
     return _load_weights(idm, ckpt["state_dict"], path)

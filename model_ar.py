@@ -322,6 +322,11 @@ class Tokenizer(nn.Module):
         x = self.decode_latents(zq).float().clamp(-1, 1)  # [B, 3, H, W]
         return rearrange(((x + 1) / 2 * 255).to(torch.uint8), "b c h w -> b h w c")  # [B, H, W, 3]
 
+    @torch.no_grad()
+    def roundtrip(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames uint8 [..., H, W, 3] encoded and decoded again: the tokenizer's view of them, same shape."""
+        return self.decode(self.encode(frames.flatten(0, -4))).view(frames.shape)
+
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """VQ-VAE pretraining loss: MSE reconstruction (in [-1, 1]) + codebook + β·commitment."""
         target = rearrange(frames, "b h w c -> b c h w").float() / 255.0 * 2 - 1  # [B, 3, H, W]
@@ -420,8 +425,8 @@ def load_weights(module: nn.Module, sd: dict, source: str) -> None:
                     for k in own if k in sd and sd[k].shape != own[k].shape)
     if missing or unexpected or shapes:
         raise ConfigError(f"checkpoint {source} does not match the model config: missing keys {_few(missing)}; "
-                                 f"unexpected keys {_few(unexpected)}; mis-shaped keys {_few(shapes)}; use the ar/vq "
-                                 f"config it was trained with (hidden, layers, heads, vocab, codebook)")
+                          f"unexpected keys {_few(unexpected)}; mis-shaped keys {_few(shapes)}; use the ar/vq "
+                          f"config it was trained with (hidden, layers, heads, vocab, codebook)")
     module.load_state_dict(sd)
 
 
@@ -432,8 +437,8 @@ def load_checkpoint(model: WorldModel, path: str, key: str = "ar.init_from") -> 
     ours = {k: v for k, v in sd.items() if k.startswith(("transformer.", "tokenizer."))}
     if not ours:  # e.g. an NFD checkpoint ({"model": ...}): say so rather than list every key the model lacks
         raise ConfigError(f"{path} holds no transformer.* / tokenizer.* weights (its keys: {sorted(sd)[:5]}), "
-                                 f"so it is not an AR world model; point {key} at one, or use the config it was "
-                                 f"trained with")
+                          f"so it is not an AR world model; point {key} at one, or use the config it was "
+                          f"trained with")
     if len(ours) < len(sd):
         warnings.warn(f"{path}: ignoring {len(sd) - len(ours)} keys outside transformer.* / tokenizer.*")
     load_weights(model, ours, path)
@@ -536,8 +541,7 @@ def build(cfg) -> WorldModel:
 
 def roundtrip(model: WorldModel, frames: torch.Tensor) -> torch.Tensor:
     """Frames uint8 [B, F, H, W, 3] through the VQ tokenizer (encode, decode): what a perfect world model can show."""
-    with torch.no_grad():
-        return model.tokenizer.decode(model.tokenizer.encode(frames.flatten(0, 1))).view(frames.shape)
+    return model.tokenizer.roundtrip(frames)
 
 
 @torch.no_grad()

@@ -137,6 +137,11 @@ class FrameAE(nn.Module):
         x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round()  # [B, 3, H, W] in [0, 255]
         return rearrange(x.to(torch.uint8), "b c h w -> b h w c")  # [B, H, W, 3]
 
+    @torch.no_grad()
+    def roundtrip(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames uint8 [..., H, W, 3] encoded and decoded again: the tokenizer's view of them, same shape."""
+        return self.decode(self.encode(frames.flatten(0, -4))).view(frames.shape)
+
     def loss(self, frames: torch.Tensor) -> torch.Tensor:
         """Pretraining loss: L1 + L2 reconstruction of noised latents + latent-scale regulariser."""
         x = self._pixels(frames)  # [B, 3, H, W]
@@ -294,15 +299,15 @@ def load_weights(model: nn.Module, path: str, key: str | None = None) -> None:
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ConfigError(f"{path} holds no state dict (expected a dict with a 'model' entry); point {key} "
-                                 f"at an NFD/AE checkpoint")
+                          f"at an NFD/AE checkpoint")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd
               and tuple(sd[k].shape) != tuple(v.shape)]
     if missing or unexpected or shapes:
         raise ConfigError(f"{path} does not match the configured model: missing {missing[:5]}, unexpected "
-                                 f"{unexpected[:5]}, shape mismatches {shapes[:5]} (of {len(missing)}, "
-                                 f"{len(unexpected)}, {len(shapes)}); use the nfd/ae config it was trained with")
+                          f"{unexpected[:5]}, shape mismatches {shapes[:5]} (of {len(missing)}, "
+                          f"{len(unexpected)}, {len(shapes)}); use the nfd/ae config it was trained with")
     model.load_state_dict(sd)
 
 
@@ -404,8 +409,7 @@ def build(cfg) -> NFD:
 
 def roundtrip(model: NFD, frames: torch.Tensor) -> torch.Tensor:
     """Frames uint8 [B, F, H, W, 3] through the tokenizer (encode, decode): what a perfect world model can show."""
-    with torch.no_grad():
-        return model.ae.decode(model.ae.encode(frames.flatten(0, 1))).view(frames.shape)  # [B, F, H, W, 3]
+    return model.ae.roundtrip(frames)  # [B, F, H, W, 3]
 
 
 def cache_frame(model: NFD, ctx: list | None, x: torch.Tensor, act: torch.Tensor, f: int) -> list:
@@ -463,7 +467,8 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
     ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
     g = sde.diffusion_coeff(ts, s)  # [K]
     shape = (n_f - 1, model.n_tok, model.cfg.latent_channels)
-    z1 = sde.initial_noise(B, cfg.rl.group_size if s.same_noise else 1, shape, s.same_noise, generator, dev)  # [B, F-1, N, C]
+    group = cfg.rl.group_size if s.same_noise else 1
+    z1 = sde.initial_noise(B, group, shape, s.same_noise, generator, dev)  # [B, F-1, N, C]
     sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
 
     def solve(v_fn, f):  # -> (x0 latent [B, N, C], (trajectory [K+1, B, N, C], log-probs [B, K]))

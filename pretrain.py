@@ -189,12 +189,12 @@ def tokenizer_roundtrips(cfg: Config, device: torch.device) -> list:
         tok = model_ar.Tokenizer(cfg.vq)
         model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
         tok.to(device).requires_grad_(False).eval()
-        trips.append(lambda x: tok.decode(tok.encode(x.flatten(0, -4))).view(x.shape))
+        trips.append(tok.roundtrip)
     if cfg.ae.init_from:
         ae = model_diffusion.FrameAE(cfg.ae)
         model_diffusion.load_weights(ae, cfg.ae.init_from)
         ae.to(device).requires_grad_(False).eval()
-        trips.append(lambda x: ae.decode(ae.encode(x.flatten(0, -4))).view(x.shape))
+        trips.append(ae.roundtrip)
     return trips
 
 
@@ -233,7 +233,8 @@ def train_idm(cfg: Config, device: torch.device) -> None:
     def evaluate():                                           # on raw frames, and on round trips if trained so
         acc = idm_accuracy(model, held)
         for i, trip in enumerate(trips):
-            trip_acc = idm_accuracy(model, {**held, "frames": torch.cat([trip(f.to(device)).cpu() for f in held["frames"].split(16)])})
+            frames = torch.cat([trip(f.to(device)).cpu() for f in held["frames"].split(16)])  # [N, T, H, W, 3]
+            trip_acc = idm_accuracy(model, {**held, "frames": frames})
             acc[f"roundtrip{i}_acc_exact"] = trip_acc["acc_exact"]
         return acc
 

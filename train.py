@@ -259,7 +259,7 @@ def backward(train_model, api, exp: Experience, cfg: Config) -> tuple[list, list
     and (weight, health statistics) pairs."""
     ro, n, mb = exp.ro, len(exp.ro.mask), cfg.rl.micro_batch
     ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = runtime.rank_world()[1]
     total = across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
     losses, stats = [], []
     for i in range(0, n, mb):
@@ -295,19 +295,22 @@ def update(train_model, api, opt, params: list, exp: Experience, cfg: Config, de
     opt.step()
     keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref") if stats[0][1].get(k) is not None]
     local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = runtime.rank_world()[1]
     return {**{k: v / world for k, v in zip(keys, across_ranks(local, "sum", device))}, "grad_norm": float(norm)}, None
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the paper's protocol on held-out clips (evaluate.py), reward and judge IDMs.
 # ---------------------------------------------------------------------------------------------
-def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path) -> None:
+def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, reward) -> None:
     """Rows gt, recon (the tokenizer's bound), before and, if eval.best_of, best_of (the reward IDM's pick of
-    eval.best_of base samples) into results.json; the before videos kept for the side-by-side video."""
-    videos, names = [], ("recon", "before", "best_of") if cfg.eval.best_of else ("recon", "before")
-    best_by = reward_fn(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device) \
-        if cfg.eval.best_of else None
+    eval.best_of base samples; `reward` is the run's, reused when it is the inverse reward) into results.json;
+    the before videos kept for the side-by-side video."""
+    videos, names, best_by = [], ("recon", "before"), None
+    if cfg.eval.best_of:
+        names += ("best_of",)
+        best_by = reward if cfg.rl.reward == "idm" else reward_fn(
+            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device)
     results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
                **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -386,7 +389,7 @@ def main(argv: list[str]) -> None:
     stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     if rank == 0 and start == 0:
-        evaluate_before(api, model, held, cfg, device, scorers, out)
+        evaluate_before(api, model, held, cfg, device, scorers, out, reward)
 
     batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, model.action_offset,
                            cfg.data.camera_tokens)
@@ -401,7 +404,8 @@ def main(argv: list[str]) -> None:
         if why:
             say(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
         sched.step()                                           # the LR stays a function of the step
-        row = {"step": step + 1, **exp.stats, **row, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+        row = {"step": step + 1, **exp.stats, **row, "lr": sched.get_last_lr()[0],
+               "seconds": round(time.time() - t0, 2)}
         sigterm = across_ranks([float(stop["sigterm"])], "max", device)[0] > 0
         if rank == 0:
             log.write(json.dumps(row) + "\n")
@@ -410,7 +414,8 @@ def main(argv: list[str]) -> None:
             done = step + 1 == rl.steps
             if rl.eval_every and (step + 1) % rl.eval_every == 0 and not done:
                 name = f"step {step + 1}"
-                bar.write(json.dumps(evaluate.world_model_rows(api, model, held, cfg, (name,), device, None, scorers)[name]))
+                rows = evaluate.world_model_rows(api, model, held, cfg, (name,), device, None, scorers)
+                bar.write(json.dumps(rows[name]))
             if (step + 1) % rl.save_every == 0 or done or sigterm:
                 save_checkpoint(ckpt, model, opt, sched, step + 1, cfg)
         if bad >= rl.max_bad_steps:
