@@ -20,7 +20,8 @@ class GRPOConfig:
     eps_high: float | None = None  # upper clip: ratio clipped at 1 + eps_high; None = eps (DAPO clip-higher: 0.28)
     beta: float = 0.0  # weight of the k3 KL to the reference policy; 0 = no reference model (paper Table 8 tries 1e-4)
     adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL and Flow-GRPO (ref §4.1)
-    scale: Literal["group", "batch", "none"] = "group"  # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
+    # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
+    scale: Literal["group", "batch", "none"] = "group"
     adv_clip: float | None = 5.0  # clamp advantages to [−adv_clip, adv_clip] (Flow-GRPO/DanceGRPO); None = off
     # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum / (N·L)
     aggregation: Literal["grpo", "token", "dr_grpo"] = "grpo"

@@ -23,10 +23,12 @@ import torch
 class SDEConfig:
     steps: int = 10  # K rollout denoising steps (paper Table 7 "Sampling steps")
     shift: float = 1.0  # time shift s: t ← s·t / (1 + (s − 1)·t); 1 = uniform grid, >1 spends more steps near noise
-    schedule: Literal["flow", "dance"] = "flow"  # g(t): "flow" = a·sqrt(t/(1 − t̃)) (Flow-GRPO) | "dance" = constant η (DanceGRPO)
+    # g(t): "flow" = a·sqrt(t/(1 − t̃)) (Flow-GRPO) | "dance" = constant η (DanceGRPO)
+    schedule: Literal["flow", "dance"] = "flow"
     noise_level: float = 0.75  # the a (flow) or η (dance) above; paper Table 7 ε_t = 0.75; 0 = deterministic ODE
-    logprob_reduce: Literal["mean", "sum"] = "mean"  # over latent elements: "mean" (upstream; implies clip ~1e-4, 0.2 rarely binds)
-    #                               | "sum" (ratio moves D× more in log space; the LLM-style clip 0.2 fits)
+    # over latent elements: "mean" (upstream; implies clip ~1e-4, 0.2 rarely binds)
+    #                       | "sum" (ratio moves D× more in log space; the LLM-style clip 0.2 fits)
+    logprob_reduce: Literal["mean", "sum"] = "mean"
     tau: float = 0.6  # timestep selection τ: fraction of the K − 1 non-final steps trained per trajectory (Table 7)
     same_noise: bool = False  # all G rollouts of a group start from the same x_1 (DanceGRPO video; ref §2.4)
     eval_steps: int = 18  # deterministic evaluation steps (paper §5.1: DPM-Solver++, 18 steps)
