@@ -18,7 +18,10 @@ as train.py's do, and MFU is against a fp32 matmul measured on the same device.
 base model: the cosine between the policy gradients (Eq. 2 at ratio 1) of independent rollout
 batches of rl.prompts × rl.group_size, for one advantage per clip and one per frame (rl.credit).
 Near 0 means a step's gradient is mostly noise. noise_scale_* is the gradient noise scale (McCandlish
-et al. 2018): the rollouts per step at which one step's signal equals its noise.
+et al. 2018): the rollouts per step at which one step's signal equals its noise. Beside them, what that
+signal points at: the within-group correlation of the reward with the judge IDM's score of the same
+rollouts (the part of Eq. 1's advantage the judge agrees with) and the judge's gain when the reward picks
+one rollout per group (best-of-G). With --rl.groups=frame the same for frame-level groups.
 """
 import dataclasses
 import json
@@ -30,6 +33,7 @@ from tqdm import tqdm
 
 import config
 import data
+import idm as idm_lib
 import minicraft
 import model_ar
 import model_diffusion
@@ -106,6 +110,15 @@ def noise_scale(grads: list[torch.Tensor], n: int) -> float:
     return noise / signal if signal > 0 else float("inf")
 
 
+def judge_scores(judge, frames: torch.Tensor, groups: torch.Tensor, t: int | None) -> torch.Tensor:
+    """The judge IDM's share of the 7 judged groups it reads right, per rollout [B], over the frames the reward
+    scores (all 15, or t and t+1 for frame groups)."""
+    with torch.no_grad():
+        buttons, cam = idm_lib.predict(judge, frames)                     # [B, 16, 20], [B, 16, 2]
+    hit = (data.action_groups(buttons, cam) == groups.to(cam.device))[:, 1:, :7].float().mean(2)   # [B, 15]
+    return (hit if t is None else hit[:, t - 1:t + 1]).mean(1)
+
+
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
     equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame";
@@ -117,15 +130,19 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     reward = train.reward_fn(cfg, device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
     params = [p for p in model.parameters() if p.requires_grad]
-    G, grads = cfg.rl.group_size, {"clip": [], "frame": []}
-    within, between = [], []
+    judge = idm_lib.load(cfg.eval.judge_idm, "eval.judge_idm").to(device)
+    G, grads = cfg.rl.group_size, {"clip": [], "frame": []} if cfg.rl.groups == "clip" else {"clip": []}
+    within, between, rewards, judged = [], [], [], []
     for b in tqdm(seeds, desc=f"gradient noise, batches of {cfg.rl.prompts * G}"):
         batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, model.action_offset,
                                    cfg.data.camera_tokens))
         batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in batch.items()}
         gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
-        exp = train.collect(api, model, None, batch, reward, cfg, gens, 0, 1)
+        t = train.branch_frame(cfg, b)
+        exp = train.collect(api, model, None, batch, reward, cfg, gens, 0, 1, t)
         groups = exp.rewards.mean(1).view(-1, G)                            # [P, G] clip rewards
+        rewards.append(groups)
+        judged.append(judge_scores(judge, exp.ro.frames, batch["groups"], t).view(-1, G))   # [P, G]
         within.append(float(groups.std(1).mean()))
         between.append(float(groups.mean(1).std()) if len(groups) > 1 else float("nan"))
         model.train()
@@ -141,6 +158,11 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
                for i in range(len(gs)) for j in range(i + 1, len(gs))]
         res.update({f"grad_cos_{credit}_mean": sum(cos) / len(cos), f"grad_cos_{credit}_max": max(cos),
                     f"noise_scale_{credit}": noise_scale(gs, n)})
+    r, j = torch.cat(rewards), torch.cat(judged)                          # [P * batches, G]
+    rc, jc = r - r.mean(1, keepdim=True), j - j.mean(1, keepdim=True)      # what Eq. 1 keeps of each
+    spread = float(rc.norm() * jc.norm())                                 # 0: no spread, no correlation
+    res["reward_judge_corr_within_group"] = float((rc * jc).sum()) / spread if spread > 0 else float("nan")
+    res["judge_best_of_group_gain"] = float(j.gather(1, r.argmax(1, keepdim=True)).mean() - j.mean())
     res["reward_std_within_group"] = sum(within) / len(within)
     res["reward_std_between_groups"] = sum(between) / len(between)
     res["rollouts_per_batch"] = n

@@ -186,7 +186,12 @@ class RLConfig:
     # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3); "frame": frame t's entries get
     # the group advantages of every reward its pixels decide, A_t + A_{t+1} (grpo.frame_credit)
     credit: Literal["clip", "frame"] = "clip"
-    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (a `idm.save` file)
+    # "clip": G rollouts of the whole clip per prompt (the paper); "frame": each step draws one frame t, and the G
+    # samples of a prompt share its ground-truth prefix and differ in frame t alone, rewarded by Eq. 3's terms at t
+    # and t+1 (the rewards frame t's pixels decide; credit is then moot) (train.branch_frame)
+    groups: Literal["clip", "frame"] = "clip"
+    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (`idm.save` files, "a.pt,b.pt":
+                                # an ensemble whose Eq. 3 terms are averaged)
     vpt_idm: str = ""           # "MODEL,WEIGHTS": OpenAI's 4x_idm.model,4x_idm.weights instead
     prompt_seed: int = 5        # minicraft seed of the RL prompts (disjoint from IDM and eval worlds)
     eval_every: int = 0         # steps between held-out evaluations; 0 = only before and after

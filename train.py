@@ -50,6 +50,7 @@ from config import Config, UsageError
 # The world model: model_ar.py or model_diffusion.py, behind the same calls (DESIGN.md):
 #   build(cfg), rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg)
 #   -> (log-probs [B, L], KL to π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...),
+#   branch(model, frames, tokens, t, cfg, generators) -> a Rollout sampling frame t alone (rl.groups "frame"),
 #   roundtrip(model, frames); a Rollout carries frames, logp, mask and frame_of (the frame of each
 #   entry), and model.action_offset is where its action token ids start.
 # ---------------------------------------------------------------------------------------------
@@ -81,11 +82,13 @@ def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Rewards: the inverse reward (Eq. 3) or RLVR-World's pixel reward (Eq. 6).
 # ---------------------------------------------------------------------------------------------
-def load_reward_idm(cfg: Config, device) -> idm_lib.IDM:
+def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
+    """The reward IDM: OpenAI's (rl.vpt_idm) or an idm.save file; rl.reward_idm may list several files,
+    comma-separated, for an ensemble whose rewards are averaged."""
     if cfg.rl.vpt_idm:
         model_path, _, weights_path = cfg.rl.vpt_idm.partition(",")
-        return idm_lib.load_vpt(model_path, weights_path).to(device)
-    return idm_lib.load(cfg.rl.reward_idm, "rl.reward_idm").to(device)
+        return [idm_lib.load_vpt(model_path, weights_path).to(device)]
+    return [idm_lib.load(path, "rl.reward_idm").to(device) for path in cfg.rl.reward_idm.split(",")]
 
 
 def reward_fn(cfg: Config, device):
@@ -93,13 +96,16 @@ def reward_fn(cfg: Config, device):
     reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
     reward looks at those)."""
     if cfg.rl.reward == "idm":
-        reward_idm = load_reward_idm(cfg, device)
+        reward_idms = load_reward_idms(cfg, device)
 
         def inverse(frames, batch):
-            buttons, cam = idm_lib.predict(reward_idm, frames)     # [B, 16, 20], [B, 16, 2]
-            pred = data.action_groups(buttons, cam)                # [B, 16, 9]
-            return idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
-                                          per_frame=True)          # [B, 15], Eq. 3's terms
+            terms = []
+            for net in reward_idms:
+                buttons, cam = idm_lib.predict(net, frames)        # [B, 16, 20], [B, 16, 2]
+                pred = data.action_groups(buttons, cam)            # [B, 16, 9]
+                terms.append(idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
+                                                    per_frame=True))   # [B, 15], Eq. 3's terms
+            return torch.stack(terms).mean(0)                      # [B, 15], the ensemble's mean
         return inverse
     lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0]
 
@@ -224,7 +230,7 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
 @dataclasses.dataclass
 class Experience:
     ro: object                   # the world model's Rollout; ro.ref holds π_ref's replay when β > 0
-    rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6)
+    rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6); frame groups: t, t+1
     old: torch.Tensor            # [P/world * G, L] log π_old of this rank's rollouts
     adv: torch.Tensor | None     # [P/world * G] per clip or [P/world * G, L] per entry; None if a reward is not finite
     stats: dict                  # group statistics of Eq. 1 (reward mean/std, zero-std groups, ...)
@@ -233,18 +239,33 @@ class Experience:
 def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, dict]:
     """Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows: one advantage per
     clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame")."""
-    G = cfg.rl.group_size
-    adv, stats = grpo.group_advantages(r.mean(1) if cfg.rl.credit == "clip" else r, G, cfg.grpo)  # [P*G(, 15)]
+    G, per_frame = cfg.rl.group_size, cfg.rl.credit == "frame" and cfg.rl.groups == "clip"
+    adv, stats = grpo.group_advantages(r if per_frame else r.mean(1), G, cfg.grpo)  # [P*G(, 15)]
     adv = local_rows(adv, rank, world, G)                      # [P/world * G(, 15)]
-    return (grpo.frame_credit(adv, ro.frame_of) if cfg.rl.credit == "frame" else adv), stats
+    return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 
 
-def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int) -> Experience:
+def branch_frame(cfg: Config, step: int) -> int | None:
+    """The frame 1..F-1 whose samples form the groups of `step` under rl.groups "frame" (a pure function of
+    (seed, step), the same on every rank), or None for whole-clip groups."""
+    if cfg.rl.groups == "clip":
+        return None
+    return int(np.random.default_rng([cfg.run.seed, step, 1]).integers(1, cfg.data.clip_len))
+
+
+def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int,
+            frame: int | None = None) -> Experience:
     """Roll out G clips per prompt (batch rows are groups of G), score every frame (Eq. 3 or 6), form the
-    advantages (Eq. 1) and replay the rollouts for π_old and, if β > 0, the frozen reference π_ref."""
+    advantages (Eq. 1) and replay the rollouts for π_old and, if β > 0, the frozen reference π_ref. With
+    `frame` t (rl.groups "frame"), the G samples differ in frame t alone (api.branch) and their reward is the mean
+    of the rewards at t and t+1, the frames whose actions the IDM reads from frame t's pixels."""
     model.eval()
-    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
-    r = gather_rewards(reward(ro.frames, batch).float(), world, cfg.rl.group_size)   # [P * G, 15]
+    if frame is None:
+        ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
+    else:
+        ro = api.branch(model, batch["frames"], batch["tokens"], frame, cfg, generators)
+    r = reward(ro.frames, batch).float()                       # [P/world * G, 15]
+    r = gather_rewards(r if frame is None else r[:, frame - 1:frame + 1], world, cfg.rl.group_size)  # [P*G, 15|2|1]
     old = replay(api.log_probs, model, ro, cfg)                # π_old, [P/world * G, L]
     if ref is not None:
         ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
@@ -398,7 +419,7 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in next(batches).items()}  # groups of G
         gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)  # one per group
-        exp = collect(api, model, ref, batch, reward, cfg, gens, rank, world)
+        exp = collect(api, model, ref, batch, reward, cfg, gens, rank, world, branch_frame(cfg, step))
         row, why = update(train_model, api, opt, params, exp, cfg, device)
         bad = bad + 1 if why else 0
         if why:

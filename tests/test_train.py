@@ -157,6 +157,39 @@ def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tm
         train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
 
 
+def test_an_ensemble_reward_is_the_mean_of_its_members(assets):
+    """rl.reward_idm="a.pt,b.pt": every frame's reward is the mean of the members' Eq. 3 terms."""
+    def reward(paths, granularity="group"):
+        cfg = tiny_cfg(assets, extra=[f"--rl.reward_idm={paths}", f"--rl.granularity={granularity}"])
+        return train.reward_fn(cfg, "cpu")
+    batch = data.collate(data.load_clips(tiny_cfg(assets).data)[0][:2], 16)
+    frames = torch.randint(0, 256, batch["frames"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a, b = (reward(f"{assets}/{n}.pt")(frames, batch) for n in ("reward", "judge"))
+    both = reward(f"{assets}/reward.pt,{assets}/judge.pt")(frames, batch)
+    assert both.shape == (2, 15) and not torch.equal(a, b)
+    torch.testing.assert_close(both, (a + b) / 2)
+
+
+def test_frame_groups_reward_frame_t_and_its_successor_and_train(assets, tmp_path):
+    """rl.groups=frame: the step's frame t is a pure function of (seed, step) in 1..15; each group's rewards are
+    Eq. 3's terms at t and t+1 only (t = 15: only r_15); one advantage per sample; a run trains end to end."""
+    cfg = tiny_cfg(assets, extra=["--rl.groups=frame"])
+    frames = [train.branch_frame(cfg, s) for s in range(200)]
+    assert set(frames) == set(range(1, 16)) and frames == [train.branch_frame(cfg, s) for s in range(200)]
+    assert train.branch_frame(tiny_cfg(assets), 0) is None     # whole-clip groups, the paper's
+    api, model = train.world_model(cfg)
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(data.load_clips(cfg.data)[0][:2], 16).items()}
+    every = torch.arange(60, dtype=torch.float32).view(4, 15)  # reward 15 * row + frame index - 1
+    for t, want in ((4, [[3.0, 4.0]]), (15, [[14.0]])):
+        exp = train.collect(api, model, None, batch, lambda f, b: every, cfg, torch.Generator().manual_seed(0), 0, 1, t)
+        assert exp.rewards.tolist()[:1] == want and exp.adv.shape == (4,)
+        assert exp.ro.mask.sum(1).tolist() == [model.cfg.image_tokens] * 4   # frame t's tokens alone
+    out = tmp_path / "frame_groups"
+    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--rl.groups=frame"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in log) and "after" in json.loads((out / "results.json").read_text())
+
+
 def test_nfd_run_end_to_end_with_a_kl_anchor(tmp_path):
     """The default paradigm through train.main on a tiny NFD model from random weights: rollout, reward,
     replay of π_old and π_ref, the KL-anchored update, evaluation rows; the KL to the reference is logged
