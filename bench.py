@@ -127,8 +127,8 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     device = runtime.pick_device(cfg.run.device)
     api, model = train.world_model(cfg)
     model.to(device)
-    reward = train.reward_fn(cfg, device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
+    reward = train.reward_fn(cfg, device, data.label_weights(prompts))
     params = [p for p in model.parameters() if p.requires_grad]
     judge = idm_lib.load(cfg.eval.judge_idm, "eval.judge_idm").to(device)
     G, grads = cfg.rl.group_size, {"clip": [], "frame": []} if cfg.rl.groups == "clip" else {"clip": []}

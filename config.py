@@ -182,7 +182,9 @@ class RLConfig:
     grad_clip: float = 1.0      # max global gradient norm
     micro_batch: int = 16       # sequences per forward/backward (gradient accumulation); memory knob
     reward: Literal["idm", "pixel"] = "idm"  # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
-    granularity: Literal["exact", "group"] = "exact"  # per frame: "exact" (Eq. 3, all 9 groups) or "group" (mean)
+    # per frame: "exact" (Eq. 3, all 9 groups), "group" (their mean) or "balanced" (the 7 judged groups, weighted
+    # by the inverse frequency of the true label in the prompt pool: a surrogate of macro F1; idm.inverse_reward)
+    granularity: Literal["exact", "group", "balanced"] = "exact"
     # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3); "frame": frame t's entries get
     # the group advantages of every reward its pixels decide, A_t + A_{t+1} (grpo.frame_credit)
     credit: Literal["clip", "frame"] = "clip"

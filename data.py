@@ -292,6 +292,16 @@ def action_groups(buttons, camera_bins):
     return np.stack(groups, axis=-1).astype(np.int64)  # [..., 9]
 
 
+def label_weights(clips: list[tuple]) -> torch.Tensor:
+    """Inverse label frequencies of the 7 judged groups over frames 1..T-1 of `clips` -> float [7, 11]:
+    frames / (count + 1), so a rare label weighs as much as a common one in the class-balanced reward
+    (rl.granularity "balanced"); a label never seen counts as seen once."""
+    groups = np.concatenate([action_groups(actions_to_arrays(clip[1])[0], camera_to_bins(
+        np.array([a["camera"] for a in clip[1]], dtype=np.float64), **VPT_CAMERA))[1:] for clip in clips])  # [N, 9]
+    counts = np.stack([np.bincount(groups[:, g], minlength=11) for g in range(N_DISCRETE_GROUPS)])  # [7, 11]
+    return torch.from_numpy(len(groups) / (counts + 1.0)).float()
+
+
 def gui_from_actions(actions: list[dict]) -> np.ndarray:
     """Fallback GUI flag when a file has no isGuiOpen: inventory or ESC pressed. bool [T]."""
     return np.array([bool(a["inventory"] or a["ESC"]) for a in actions], dtype=bool)

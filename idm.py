@@ -400,12 +400,14 @@ def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: 
 # The inverse reward (Eq. 3).
 
 def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
-                   per_frame: bool = False):
+                   per_frame: bool = False, label_weights: torch.Tensor | None = None):
     """Eq. 3: R = 1/n sum_{t=1..n} 1[â_t == a_t], per clip. Inputs are the 9 evaluation groups per frame
     (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop, pitch bin, yaw bin)
     of the IDM prediction and of the given actions, [B, T, 9] over frames 0..T-1. Frame 0 is the context
     frame and is not scored. granularity "exact": a frame counts only if all 9 groups match (the paper);
-    "group": the fraction of matching groups per frame (a denser variant). Returns float [B], or the
+    "group": the fraction of matching groups per frame (a denser variant); "balanced": the 7 judged groups,
+    each match weighted by label_weights[group, true label] ([7, 11], data.label_weights: the inverse frequency
+    of that label), a per-frame surrogate of the macro F1 the evaluation reports. Returns float [B], or the
     per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R)."""
     if pred_groups.shape != true_groups.shape or pred_groups.ndim != 3 or pred_groups.shape[1] < 2:
         raise ValueError(f"inverse_reward: need pred and true groups of the same shape [B, T>=2, 9]; got "
@@ -417,8 +419,15 @@ def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granula
         scores = match.all(dim=-1).float()  # [B, T-1]
     elif granularity == "group":
         scores = match.float().mean(dim=-1)  # [B, T-1]
+    elif granularity == "balanced":
+        if label_weights is None:
+            raise ValueError("inverse_reward: granularity 'balanced' needs label_weights (data.label_weights)")
+        true = true_groups[:, 1:, :7]  # [B, T-1, 7]
+        w = label_weights.to(true.device)[torch.arange(7, device=true.device), true]  # [B, T-1, 7]
+        scores = (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1]
     else:
-        raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3) or 'group'; got {granularity!r}")
+        raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3), 'group' or 'balanced'; "
+                         f"got {granularity!r}")
     return scores if per_frame else scores.mean(dim=-1)  # [B, T-1] or [B]
 
 

@@ -91,10 +91,10 @@ def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
     return [idm_lib.load(path, "rl.reward_idm").to(device) for path in cfg.rl.reward_idm.split(",")]
 
 
-def reward_fn(cfg: Config, device):
+def reward_fn(cfg: Config, device, label_weights: torch.Tensor | None = None):
     """reward(frames uint8 [B, 16, H, W, 3], batch) -> the reward of every generated frame [B, 15]; a clip's
     reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
-    reward looks at those)."""
+    reward looks at those); label_weights ([7, 11], data.label_weights) is what rl.granularity "balanced" needs."""
     if cfg.rl.reward == "idm":
         reward_idms = load_reward_idms(cfg, device)
 
@@ -104,7 +104,7 @@ def reward_fn(cfg: Config, device):
                 buttons, cam = idm_lib.predict(net, frames)        # [B, 16, 20], [B, 16, 2]
                 pred = data.action_groups(buttons, cam)            # [B, 16, 9]
                 terms.append(idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
-                                                    per_frame=True))   # [B, 15], Eq. 3's terms
+                                                    True, label_weights))   # [B, 15], Eq. 3's terms
             return torch.stack(terms).mean(0)                      # [B, 15], the ensemble's mean
         return inverse
     lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0]
@@ -331,7 +331,7 @@ def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, r
     if cfg.eval.best_of:
         names += ("best_of",)
         best_by = reward if cfg.rl.reward == "idm" else reward_fn(
-            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device)
+            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device, data.label_weights(held))
     results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
                **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -395,7 +395,7 @@ def main(argv: list[str]) -> None:
     api, model = world_model(cfg)
     model.to(device)
     ref = world_model(cfg)[1].to(device).eval() if cfg.grpo.beta > 0 else None
-    reward = reward_fn(cfg, device)
+    reward = reward_fn(cfg, device, data.label_weights(prompts))
     scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]

@@ -213,10 +213,28 @@ def test_inverse_reward_hand_worked():
     group = idm.inverse_reward(pred, true, granularity="group")
     torch.testing.assert_close(exact, torch.tensor([1 / 3, 1.0]))  # frames 1..3: only frame 1 exact
     torch.testing.assert_close(group, torch.tensor([(1 + 8 / 9 + 6 / 9) / 3, 1.0]))
+    # balanced: the 7 judged groups, each match weighted by its true label's weight; camera (groups 7, 8) unscored
+    weights = torch.ones(7, 11)
+    weights[4, 0] = 4.0  # group 4's label 0 (the true one everywhere) weighs 4: frame 2 of clip 0 keeps 6 of 10
+    balanced = idm.inverse_reward(pred, true, "balanced", label_weights=weights)
+    torch.testing.assert_close(balanced, torch.tensor([(1 + 6 / 10 + 7 / 10) / 3, 1.0]))  # frame 3: 3 of 10 lost
+    with pytest.raises(ValueError, match="label_weights"):
+        idm.inverse_reward(pred, true, "balanced")
     with pytest.raises(ValueError, match="granularity"):
         idm.inverse_reward(pred, true, granularity="frame")
     with pytest.raises(ValueError, match="same shape"):
         idm.inverse_reward(pred, true[:, :3])
+
+
+def test_label_weights_are_inverse_label_counts_of_the_judged_groups():
+    """data.label_weights: frames 1..T-1 of every clip, frames / (count + 1) per (group, label)."""
+    still, jump = data.noop_action(), {**data.noop_action(), "jump": 1}
+    clips = [(None, [still, jump, still, still]), (None, [jump, still, jump, still])]   # frames 1..3 scored
+    w = data.label_weights(clips)                               # 6 frames; jump pressed in 2
+    assert w.shape == (7, 11)
+    jump_group = data.GROUP_NAMES.index("jump")
+    assert w[jump_group, 1] == pytest.approx(6 / 3) and w[jump_group, 0] == pytest.approx(6 / 5)
+    assert w[0, 0] == pytest.approx(6 / 7) and w[0, 1] == pytest.approx(6 / 1)   # forward never pressed
 
 
 def test_small_idm_default_shapes_and_round_trip(tmp_path):
