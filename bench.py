@@ -116,7 +116,7 @@ def judge_scores(judge, frames: torch.Tensor, groups: torch.Tensor, t: int | Non
     with torch.no_grad():
         buttons, cam = idm_lib.predict(judge, frames)                     # [B, 16, 20], [B, 16, 2]
     hit = (data.action_groups(buttons, cam) == groups.to(cam.device))[:, 1:, :7].float().mean(2)   # [B, 15]
-    return (hit if t is None else hit[:, t - 1:t + 1]).mean(1)
+    return train.scored_terms(hit, t).mean(1)
 
 
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
@@ -128,7 +128,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     api, model = train.world_model(cfg)
     model.to(device)
     prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
-    reward = train.reward_fn(cfg, device, data.label_weights(prompts))
+    reward = train.reward_fn(cfg, device, prompts)
     params = [p for p in model.parameters() if p.requires_grad]
     judge = idm_lib.load(cfg.eval.judge_idm, "eval.judge_idm").to(device)
     G, grads = cfg.rl.group_size, {"clip": [], "frame": []} if cfg.rl.groups == "clip" else {"clip": []}

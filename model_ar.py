@@ -576,13 +576,20 @@ def generate(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, t
                 tokens[:, pos + 1:pos + step] = action_tokens[:, t + 1]
             logits = model.transformer(tokens[:, pos:pos + step], pos, cache)[:, -1]  # [B, V]
             pos += step
-    gen = generated_positions(cfg, device)  # [L]
+    mask = generated_positions(cfg, device).float().expand(b, -1).clone()  # [B, L]
+    return finish_rollout(model, tokens, logp, mask, temperature)
+
+
+def finish_rollout(model: WorldModel, tokens: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor,
+                   temperature: float) -> Rollout:
+    """The Rollout of a filled clip sequence tokens [B, L]: every frame's image tokens decoded, frame 0 too, so
+    every frame the IDM reads shows the tokenizer's view (DESIGN.md), and the frame of each entry."""
+    cfg, n = model.cfg, model.cfg.image_tokens
+    gen = generated_positions(cfg, tokens.device)  # [L]
     ids = torch.cat([tokens[:, :n], tokens[:, gen]], dim=1)  # [B, F·N]: img_0, then the generated images
     ids = rearrange(ids, "b (f n) -> b f n", n=n)  # [B, F, N]
-    # Frame 0 too goes through the tokenizer: every frame the IDM reads shows the tokenizer's view (DESIGN.md)
     frames = torch.stack([model.tokenizer.decode(ids[:, t]) for t in range(cfg.frames)], dim=1)  # [B, F, H, W, 3]
-    mask = gen.float().expand(b, -1).clone()  # [B, L]
-    frame_of = torch.arange(cfg.seq_len, device=device) // cfg.frame_len  # [L]
+    frame_of = torch.arange(cfg.seq_len, device=tokens.device) // cfg.frame_len  # [L]
     return Rollout(tokens=tokens, logp=logp, mask=mask, frames=frames, temperature=temperature, frame_of=frame_of)
 
 
@@ -613,13 +620,9 @@ def branch(model: WorldModel, frames: torch.Tensor, action_tokens: torch.Tensor,
         tokens[:, j], logp[:, j] = sample_image_token(logits, m.n_codes, cfg.ar.temperature, cfg.ar.top_p, generator)
         if j < start + n - 1:
             logits = model.transformer(tokens[:, j:j + 1], j, cache)[:, -1]  # [B, V]
-    ids[:, t] = tokens[:, start:start + n]
-    shown = torch.stack([model.tokenizer.decode(ids[:, f]) for f in range(m.frames)], dim=1)  # [B, F, H, W, 3]
     mask = torch.zeros(b, m.seq_len, device=device)  # [B, L]
     mask[:, start:start + n] = 1
-    frame_of = torch.arange(m.seq_len, device=device) // m.frame_len  # [L]
-    return Rollout(tokens=tokens, logp=logp, mask=mask, frames=shown, temperature=cfg.ar.temperature,
-                   frame_of=frame_of)
+    return finish_rollout(model, tokens, logp, mask, cfg.ar.temperature)
 
 
 def log_probs(model: nn.Module, rollout: Rollout, cfg=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -454,6 +454,18 @@ def decode_clip(model: NFD, latents: torch.Tensor) -> torch.Tensor:
     return rearrange(model.ae.decode(latents.flatten(0, 1)), "(b f) h w c -> b f h w c", b=latents.shape[0])
 
 
+def sde_draws(cfg, B: int, shape: tuple, generator, dev):
+    """What a GRPO rollout of B rows draws before its first step: the time grid ts [K+1] and coefficients g [K]
+    (cfg.sde), the initial noise [B, *shape] (shared within a group of cfg.rl.group_size if sde.same_noise),
+    then the trained steps τ, bool [B, K]; `generator` is one, or one per group (sde_sampler.per_group)."""
+    s = cfg.sde
+    ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
+    group = cfg.rl.group_size if s.same_noise else 1
+    z1 = sde.initial_noise(B, group, tuple(shape), s.same_noise, generator, dev)  # [B, *shape]
+    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
+    return ts, sde.diffusion_coeff(ts, s), z1, sel
+
+
 @torch.no_grad()
 def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
             generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
@@ -464,12 +476,7 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
     with the same generator starts from the same x_1). With sde.noise_level = 0 the steps are Euler ODE steps
     and the log-probs are undefined (std = 0: NaN), which only the g = 0 consistency check uses."""
     s, (B, n_f), dev = cfg.sde, action_tokens.shape[:2], x0.device
-    ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
-    g = sde.diffusion_coeff(ts, s)  # [K]
-    shape = (n_f - 1, model.n_tok, model.cfg.latent_channels)
-    group = cfg.rl.group_size if s.same_noise else 1
-    z1 = sde.initial_noise(B, group, shape, s.same_noise, generator, dev)  # [B, F-1, N, C]
-    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
+    ts, g, z1, sel = sde_draws(cfg, B, (n_f - 1, model.n_tok, model.cfg.latent_channels), generator, dev)
 
     def solve(v_fn, f):  # -> (x0 latent [B, N, C], (trajectory [K+1, B, N, C], log-probs [B, K]))
         x, traj, _, _, lps = sde.sample_sde(v_fn, z1[:, f - 1], ts, g, generator, s.logprob_reduce)
@@ -493,12 +500,8 @@ def branch(model: NFD, frames: torch.Tensor, action_tokens: torch.Tensor, t: int
     differ in frame t alone. `frames` of the result is the whole clip through the tokenizer, frame t sampled."""
     s, (B, n_f), dev = cfg.sde, action_tokens.shape[:2], frames.device
     _check_clip(model, n_f)
-    ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
-    g = sde.diffusion_coeff(ts, s)  # [K]
     latents = model.ae.encode(frames.flatten(0, 1)).float().view(B, n_f, model.n_tok, -1)  # [B, F, N, C]
-    group = cfg.rl.group_size if s.same_noise else 1
-    z1 = sde.initial_noise(B, group, latents.shape[2:], s.same_noise, generator, dev)  # [B, N, C]
-    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
+    ts, g, z1, sel = sde_draws(cfg, B, latents.shape[2:], generator, dev)  # z1 [B, N, C]
     act = actions_multi_hot(action_tokens)  # [B, F, A]
     ctx = context_kv(model, latents[:, :t], torch.zeros(B, t, device=dev), act[:, :t])  # frames 0..t-1, clean
     v_fn = lambda x, time: cached_velocity(model, ctx, x, time, act[:, t], t)  # noqa: E731

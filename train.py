@@ -91,12 +91,13 @@ def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
     return [idm_lib.load(path, "rl.reward_idm").to(device) for path in cfg.rl.reward_idm.split(",")]
 
 
-def reward_fn(cfg: Config, device, label_weights: torch.Tensor | None = None):
+def reward_fn(cfg: Config, device, clips: list):
     """reward(frames uint8 [B, 16, H, W, 3], batch) -> the reward of every generated frame [B, 15]; a clip's
     reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
-    reward looks at those); label_weights ([7, 11], data.label_weights) is what rl.granularity "balanced" needs."""
+    reward looks at those); `clips` are the prompts, whose label frequencies rl.granularity "balanced" weighs by."""
     if cfg.rl.reward == "idm":
         reward_idms = load_reward_idms(cfg, device)
+        label_weights = data.label_weights(clips) if cfg.rl.granularity == "balanced" else None
 
         def inverse(frames, batch):
             terms = []
@@ -253,6 +254,12 @@ def branch_frame(cfg: Config, step: int) -> int | None:
     return int(np.random.default_rng([cfg.run.seed, step, 1]).integers(1, cfg.data.clip_len))
 
 
+def scored_terms(r: torch.Tensor, frame: int | None) -> torch.Tensor:
+    """Of per-frame terms r [B, 15] (frames 1..15), those a step's groups are scored on: all of them, or with
+    frame groups at t (rl.groups "frame") the terms at t and t+1 (one at t = 15), which frame t's pixels decide."""
+    return r if frame is None else r[:, frame - 1:frame + 1]
+
+
 def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int,
             frame: int | None = None) -> Experience:
     """Roll out G clips per prompt (batch rows are groups of G), score every frame (Eq. 3 or 6), form the
@@ -264,8 +271,8 @@ def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank:
         ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
     else:
         ro = api.branch(model, batch["frames"], batch["tokens"], frame, cfg, generators)
-    r = reward(ro.frames, batch).float()                       # [P/world * G, 15]
-    r = gather_rewards(r if frame is None else r[:, frame - 1:frame + 1], world, cfg.rl.group_size)  # [P*G, 15|2|1]
+    r = scored_terms(reward(ro.frames, batch).float(), frame)  # [P/world * G, 15|2|1]
+    r = gather_rewards(r, world, cfg.rl.group_size)            # [P * G, 15|2|1]
     old = replay(api.log_probs, model, ro, cfg)                # π_old, [P/world * G, L]
     if ref is not None:
         ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
@@ -331,7 +338,7 @@ def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, r
     if cfg.eval.best_of:
         names += ("best_of",)
         best_by = reward if cfg.rl.reward == "idm" else reward_fn(
-            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device, data.label_weights(held))
+            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device, held)
     results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
                **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -395,7 +402,7 @@ def main(argv: list[str]) -> None:
     api, model = world_model(cfg)
     model.to(device)
     ref = world_model(cfg)[1].to(device).eval() if cfg.grpo.beta > 0 else None
-    reward = reward_fn(cfg, device, data.label_weights(prompts))
+    reward = reward_fn(cfg, device, prompts)
     scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
     train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]

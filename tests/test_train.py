@@ -64,7 +64,7 @@ def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     gen = torch.Generator().manual_seed(0)
     frames, gt = (torch.randint(0, 256, (2, 16, 64, 64, 3), dtype=torch.uint8, generator=gen) for _ in range(2))
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lpips_backbone=str(tmp_path / "alexnet.pt")))
-    r = train.reward_fn(cfg, "cpu")(frames, {"frames": gt})                  # [2, 15]
+    r = train.reward_fn(cfg, "cpu", [])(frames, {"frames": gt})              # [2, 15]
     x, y = frames[:, 1:].float() / 255, gt[:, 1:].float() / 255
     want = (x - y).abs().mean((2, 3, 4)) + evaluate.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
     torch.testing.assert_close(r, -want)
@@ -158,16 +158,19 @@ def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tm
 
 
 def test_an_ensemble_reward_is_the_mean_of_its_members(assets):
-    """rl.reward_idm="a.pt,b.pt": every frame's reward is the mean of the members' Eq. 3 terms."""
-    def reward(paths, granularity="group"):
-        cfg = tiny_cfg(assets, extra=[f"--rl.reward_idm={paths}", f"--rl.granularity={granularity}"])
-        return train.reward_fn(cfg, "cpu")
-    batch = data.collate(data.load_clips(tiny_cfg(assets).data)[0][:2], 16)
+    """rl.reward_idm="a.pt,b.pt": every frame's reward is the mean of the members' Eq. 3 terms (for the group
+    count and for the class-balanced one, whose label weights come from the prompt clips)."""
+    clips = data.load_clips(tiny_cfg(assets).data)[0]
+    batch = data.collate(clips[:2], 16)
     frames = torch.randint(0, 256, batch["frames"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    a, b = (reward(f"{assets}/{n}.pt")(frames, batch) for n in ("reward", "judge"))
-    both = reward(f"{assets}/reward.pt,{assets}/judge.pt")(frames, batch)
-    assert both.shape == (2, 15) and not torch.equal(a, b)
-    torch.testing.assert_close(both, (a + b) / 2)
+    for granularity in ("group", "balanced"):
+        def reward(paths):
+            cfg = tiny_cfg(assets, extra=[f"--rl.reward_idm={paths}", f"--rl.granularity={granularity}"])
+            return train.reward_fn(cfg, "cpu", clips)
+        a, b = (reward(f"{assets}/{n}.pt")(frames, batch) for n in ("reward", "judge"))
+        both = reward(f"{assets}/reward.pt,{assets}/judge.pt")(frames, batch)
+        assert both.shape == (2, 15) and not torch.equal(a, b)
+        torch.testing.assert_close(both, (a + b) / 2)
 
 
 def test_frame_groups_reward_frame_t_and_its_successor_and_train(assets, tmp_path):
