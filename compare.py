@@ -3,13 +3,15 @@
 For each config and seed, train.py runs once per reward variant with the same iterations and seeds:
   rlir        the inverse reward, Eq. 3 (a frame scores 1 when all 9 action groups match)
   rlir_group  the per-group inverse reward (a frame scores the fraction of groups that match)
+  rlir_balanced  the 7 judged groups, each match weighted by the inverse frequency of its true label
   pixel       RLVR-World's −(L1 + LPIPS), Eq. 6 (L1 only when no LPIPS backbone is at hand)
-The base row is the runs' shared "before" evaluation. Every row is averaged over the seeds (mean ± std)
-into OUT/compare.md (and .json); OUT/reward_curves.png plots each run's training reward per step.
+The gt, recon, base (and, with --eval.best_of=N, best_of: the reward IDM's pick of N) rows are the runs'
+shared "before" evaluation. Every row is averaged over the seeds (mean ± std) into OUT/compare.md (and .json);
+OUT/reward_curves.png plots each run's training reward per step.
 
-    python compare.py                                           # both minicraft configs, seeds 0,1,2
-    python compare.py configs/minicraft_ar.yaml --seeds=0 --rl.steps=4 --eval.clips=16   # a smoke run
-    python compare.py --jobs=2 --rl.steps=6 --minicraft_nfd.rl.steps=4   # 2 runs at a time; NFD: 4 steps
+    python compare.py --eval.best_of=8                          # both laptop configs, seeds 0,1,2
+    python compare.py configs/laptop_ar.yaml --seeds=0 --rl.steps=4 --eval.clips=16   # a smoke run
+    python compare.py --jobs=2 --rl.steps=6 --laptop_nfd.rl.steps=4      # 2 runs at a time; NFD: 4 steps
 
 Arguments ending in .yaml are configs; --seeds, --jobs, --out and --variants are this script's; any
 other --section.key=value goes to every train.py run, and --<config name>.section.key=value to the
@@ -34,14 +36,16 @@ import evaluate
 VARIANTS = {                                                  # train.py flags of each reward variant
     "rlir": ["--rl.reward=idm", "--rl.granularity=exact"],      # Eq. 3
     "rlir_group": ["--rl.reward=idm", "--rl.granularity=group"],
+    "rlir_balanced": ["--rl.reward=idm", "--rl.granularity=balanced"],   # 7 judged groups, inverse label frequency
     "pixel": ["--rl.reward=pixel"],                             # Eq. 6
 }
 COLUMNS = {                                                   # results.json key -> table header
-    "judge_f1_macro": "judge F1", "judge_precision_macro": "judge P", "judge_recall_macro": "judge R",
+    "judge_f1_macro": "judge F1", "f1_macro": "reward-IDM F1", "judge_precision_macro": "judge P",
+    "judge_recall_macro": "judge R",
     "judge_camera_bin_error": "camera err", "psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS",
     "fvd": "FVD", "brightness": "brightness",
 }
-CONFIGS = ["configs/minicraft_ar.yaml", "configs/minicraft_nfd.yaml"]
+CONFIGS = ["configs/laptop_ar.yaml", "configs/laptop_nfd.yaml"]
 
 
 def parse(argv: list[str]) -> dict:
@@ -104,10 +108,11 @@ def mean_std(values: list) -> str:
 
 
 def table(cfg: str, runs: dict, opts: dict) -> tuple[str, dict]:
-    """Markdown rows gt, base and one per variant, each metric as mean ± std over the seeds."""
-    first = runs[opts["variants"][0]]
-    rows = {"gt": [json.loads((d / "results.json").read_text())["gt"] for d in first[:1]],
-            "base": [json.loads((d / "results.json").read_text())["before"] for d in first]}
+    """Markdown rows gt, recon, base, best_of (eval.best_of: the reward IDM's pick, no training) and one per
+    variant, each metric as mean ± std over the seeds (gt once: it does not depend on the seed)."""
+    first = [json.loads((d / "results.json").read_text()) for d in runs[opts["variants"][0]]]
+    rows = {"gt": [first[0]["gt"]], **{("base" if k == "before" else k): [r[k] for r in first]
+                                       for k in first[0] if k not in ("gt", "after", "gap")}}
     for v in opts["variants"]:
         rows[v] = [json.loads((d / "results.json").read_text())["after"] for d in runs[v]]
     cols = [k for k in COLUMNS if any(r.get(k) is not None for rs in rows.values() for r in rs)]

@@ -89,6 +89,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     return adv, stats
 
 
+def best_of_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Advantage 1 for each group's highest reward, 0 for the rest (train.py's rl.objective "best_of"): with the
+    on-policy ratio of 1, Eq. 2's gradient is then the log-likelihood gradient of the reward's pick of G, i.e.
+    supervised steps on the best-of-G samples (rejection-sampling fine-tuning, RAFT), which only ever pulls the
+    policy towards its own samples. A group whose rewards are all equal picks none. rewards [N] -> [N]."""
+    r = rewards.detach().float().view(-1, group_size)  # [n_groups, G]
+    best = torch.nn.functional.one_hot(r.argmax(1), group_size).float()  # [n_groups, G]  first maximum
+    best = torch.where((r.amax(1) > r.amin(1))[:, None], best, 0.0)  # [n_groups, G]  no pick in a flat group
+    return best.reshape(rewards.shape)  # [N]
+
+
 def frame_credit(adv: torch.Tensor, frame_of: torch.Tensor) -> torch.Tensor:
     """Per-frame advantages [N, T] (frames 1..T) -> one per log-prob entry [N, L] (train.py's rl.credit
     "frame"): the entries of frame t earn every reward its pixels decide, A_t + A_{t+1}. The IDM reads frame

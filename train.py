@@ -239,9 +239,13 @@ class Experience:
 
 def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, dict]:
     """Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows: one advantage per
-    clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame")."""
-    G, per_frame = cfg.rl.group_size, cfg.rl.credit == "frame" and cfg.rl.groups == "clip"
+    clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame"); under
+    rl.objective "best_of", 1 for the best clip of each group and 0 for the others."""
+    G, best_of = cfg.rl.group_size, cfg.rl.objective == "best_of"
+    per_frame = cfg.rl.credit == "frame" and cfg.rl.groups == "clip" and not best_of
     adv, stats = grpo.group_advantages(r if per_frame else r.mean(1), G, cfg.grpo)  # [P*G(, 15)]
+    if best_of:
+        adv = grpo.best_of_advantages(r.mean(1), G)            # [P*G]  1 for each group's pick
     adv = local_rows(adv, rank, world, G)                      # [P/world * G(, 15)]
     return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 

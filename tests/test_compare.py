@@ -27,7 +27,7 @@ def test_tiny_comparison_writes_table_curves_and_resumes(assets, tmp_path):  # n
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(config.dump(tiny_cfg(assets)))
     argv = [str(cfg_file), "--seeds=0,1", "--variants=pixel", "--jobs=2", f"--out={tmp_path / 'cmp'}",
-            "--rl.steps=3", "--tiny.rl.steps=1"]                # the config's own override wins
+            "--rl.steps=3", "--tiny.rl.steps=1", "--eval.best_of=2"]   # the config's own override wins
     compare.main(argv)
     runs = tmp_path / "cmp" / "tiny"
     results = {s: json.loads((runs / "pixel" / f"seed{s}" / "results.json").read_text()) for s in (0, 1)}
@@ -41,7 +41,8 @@ def test_tiny_comparison_writes_table_curves_and_resumes(assets, tmp_path):  # n
     f1 = summary["base"]["judge_f1_macro"]
     assert f"{np.mean(f1):.3f} ± {np.std(f1):.3f}" in base_row
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:] == \
-        ["gt", "base", "pixel"]
+        ["gt", "recon", "base", "best_of", "pixel"]
+    assert summary["best_of"]["judge_f1_macro"] == [results[s]["best_of"]["judge_f1_macro"] for s in (0, 1)]
     assert "Pixel reward: L1" in md
     with Image.open(tmp_path / "cmp" / "reward_curves.png") as im:
         assert im.size[1] > 100                               # one panel: tiny · pixel

@@ -157,6 +157,25 @@ def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tm
         train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
 
 
+def test_best_of_objective_raises_the_likelihood_of_each_groups_pick_alone(assets):
+    """rl.objective=best_of: advantage 1 for each group's best rollout, 0 for the rest, whatever rl.credit; a few
+    steps on one batch raise the log-likelihood of the picked rollouts."""
+    cfg = tiny_cfg(assets, extra=["--rl.objective=best_of", "--rl.credit=frame", "--rl.lr=1e-3"])
+    api, model = train.world_model(cfg)
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(data.load_clips(cfg.data)[0][:2], 16).items()}
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    r = torch.tensor([0.2, 0.7, 0.4, 0.1]).repeat_interleave(15).view(4, 15)
+    adv, _ = train.advantages(r, ro, cfg, 0, 1)
+    assert adv.tolist() == [0.0, 1.0, 1.0, 0.0]
+    exp = train.Experience(ro, r, train.replay(api.log_probs, model, ro, cfg), adv, {})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, weight_decay=0)
+    for _ in range(3):
+        train.update(model, api, opt, params, exp, cfg, "cpu")
+    gain = (train.replay(api.log_probs, model, ro, cfg) - exp.old).mul(ro.mask).sum(1)   # [4] log-likelihood change
+    assert gain[1] > 1 and gain[2] > 1
+
+
 def test_an_ensemble_reward_is_the_mean_of_its_members(assets):
     """rl.reward_idm="a.pt,b.pt": every frame's reward is the mean of the members' Eq. 3 terms (for the group
     count and for the class-balanced one, whose label weights come from the prompt clips)."""
