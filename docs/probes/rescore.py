@@ -1,5 +1,6 @@
-"""Re-score world models on more (or other) held-out clips than a run's own table: the base and each weights file,
-every row with the same sampling noise (run.seed), so two rows differ only by their weights.
+"""Re-score world models on more (or other) held-out clips than a run's own table: `recon` (the tokenizer's bound),
+the base and each weights file, every row with the same sampling noise (run.seed), so two rows differ only by
+their weights.
 
     python docs/probes/rescore.py RUN/config.yaml --eval.clips=192 --eval.seed=2000 RUN/ckpt.pt [more.pt ...]
     python docs/probes/rescore.py configs/laptop_ar.yaml --run.seed=1 --eval.clips=192 /tmp/ar_sup.pt
@@ -25,10 +26,10 @@ torch.set_num_threads(cfg.run.threads)
 held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))
 scorers = evaluate.load_scorers(cfg.eval)
 KEYS = ("judge_f1_macro", "f1_macro", "psnr", "brightness", "idm_agreement")
-for name in ["base", *weights]:
-    state = runtime.read_checkpoint(name, "weights") if name != "base" else {}
+for name in ["recon", "base", *weights]:
+    state = runtime.read_checkpoint(name, "weights") if name not in ("recon", "base") else {}
     run_cfg = cfg
-    if name != "base" and "model" not in state:                # a pretrain.py checkpoint: the model's init_from
+    if state and "model" not in state:                # a pretrain.py checkpoint: the model's init_from
         section = "ar" if cfg.run.world_model == "ar" else "nfd"
         run_cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), init_from=name)})
     api, model = train.world_model(run_cfg)
