@@ -193,7 +193,7 @@ class RLConfig:
     # and t+1 (the rewards frame t's pixels decide; credit is then moot) (train.branch_frame)
     groups: Literal["clip", "frame"] = "clip"
     # "grpo": Eq. 1-2, the paper; "best_of": supervised steps on each group's highest-reward rollout (advantage 1
-    # for it, 0 for the rest: rejection-sampling fine-tuning, a lower-variance objective; grpo.best_of_advantages)
+    # for it, 0 for the rest: rejection-sampling fine-tuning, which never pushes a sample down; grpo.best_of_advantages)
     objective: Literal["grpo", "best_of"] = "grpo"
     reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (`idm.save` files, "a.pt,b.pt":
                                 # an ensemble whose Eq. 3 terms are averaged)

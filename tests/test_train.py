@@ -157,7 +157,7 @@ def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tm
         train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
 
 
-def test_best_of_objective_raises_the_likelihood_of_each_groups_pick_alone(assets):
+def test_best_of_objective_raises_the_likelihood_of_each_groups_pick(assets):
     """rl.objective=best_of: advantage 1 for each group's best rollout, 0 for the rest, whatever rl.credit; a few
     steps on one batch raise the log-likelihood of the picked rollouts."""
     cfg = tiny_cfg(assets, extra=["--rl.objective=best_of", "--rl.credit=frame", "--rl.lr=1e-3"])
