@@ -114,8 +114,8 @@ def judge_scores(judge, frames: torch.Tensor, groups: torch.Tensor, t: int | Non
     """The judge IDM's share of the 7 judged groups it reads right, per rollout [B], over the frames the reward
     scores (all 15, or t and t+1 for frame groups)."""
     with torch.no_grad():
-        buttons, cam = idm_lib.predict(judge, frames)                     # [B, 16, 20], [B, 16, 2]
-    hit = (data.action_groups(buttons, cam) == groups.to(cam.device))[:, 1:, :7].float().mean(2)   # [B, 15]
+        pred = idm_lib.predict_groups(judge, frames)                      # [B, 16, 9]
+    hit = (pred == groups.to(pred.device))[:, 1:, :7].float().mean(2)    # [B, 15]
     return train.scored_terms(hit, t).mean(1)
 
 

@@ -381,6 +381,12 @@ def predict(idm: IDM, frames) -> tuple[torch.Tensor, torch.Tensor]:
     return out["buttons"].argmax(-1), out["camera"].argmax(-1)
 
 
+def predict_groups(idm: IDM, frames) -> torch.Tensor:
+    """The 9 evaluation groups of the IDM's deterministic reading (`predict`, `data.action_groups`): int64 [B, T, 9],
+    what Eq. 3 compares with the given actions' groups."""
+    return data.action_groups(*predict(idm, frames))
+
+
 def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: torch.Tensor | None = None):
     """Negative log-likelihood of the labelled action (§3.1): per frame, the sum over the 20 button heads
     and the 2 camera heads of -log p (the tempered log-probs, as VPT's policy log_prob sums its 22

@@ -102,8 +102,7 @@ def reward_fn(cfg: Config, device, clips: list):
         def inverse(frames, batch):
             terms = []
             for net in reward_idms:
-                buttons, cam = idm_lib.predict(net, frames)        # [B, 16, 20], [B, 16, 2]
-                pred = data.action_groups(buttons, cam)            # [B, 16, 9]
+                pred = idm_lib.predict_groups(net, frames)         # [B, 16, 9]
                 terms.append(idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
                                                     True, label_weights))   # [B, 15], Eq. 3's terms
             return torch.stack(terms).mean(0)                      # [B, 15], the ensemble's mean

@@ -30,7 +30,7 @@ true = batch["groups"]                                                  # [P, 16
 
 def read(net, frames):
     with torch.no_grad():
-        return data.action_groups(*idm_lib.predict(net, frames))       # [G, 16, 9]
+        return idm_lib.predict_groups(net, frames)                      # [G, 16, 9]
 
 
 judged, read_by_members = [], []

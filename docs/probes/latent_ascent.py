@@ -44,7 +44,7 @@ def given_action_prob(out, groups):                                     # [B, 16
 
 def reads(net, frames, t):
     with torch.no_grad():
-        hit = data.action_groups(*idm_lib.predict(net, frames))[:, t:t + 2] == batch["groups"][:, t:t + 2]
+        hit = idm_lib.predict_groups(net, frames)[:, t:t + 2] == batch["groups"][:, t:t + 2]
     return round(float(hit.float().mean()), 3), round(float(hit[..., :7].all(-1).float().mean()), 3)
 
 
