@@ -462,7 +462,8 @@ def sde_draws(cfg, B: int, shape: tuple, generator, dev):
     ts = sde.timesteps(s.steps, s.shift).to(dev)  # [K+1]
     group = cfg.rl.group_size if s.same_noise else 1
     z1 = sde.initial_noise(B, group, tuple(shape), s.same_noise, generator, dev)  # [B, *shape]
-    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen), B, generator).to(dev)  # bool [B, K]
+    sel = sde.per_group(lambda b, gen: sde.select_steps(b, s.steps, s.tau, gen, s.window), B,
+                        generator).to(dev)  # bool [B, K]
     return ts, sde.diffusion_coeff(ts, s), z1, sel
 
 
@@ -474,7 +475,8 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
     `generator` (one, or one per GRPO group of cfg.rl.group_size rows: sde_sampler.per_group), in this order:
     the initial noise of all frames, the step selection τ, then each frame's per-step noise (so sample_frames
     with the same generator starts from the same x_1). With sde.noise_level = 0 the steps are Euler ODE steps
-    and the log-probs are undefined (std = 0: NaN), which only the g = 0 consistency check uses."""
+    (log-probs 0: no density), which only the g = 0 consistency check uses; sde.window keeps the noise on the
+    first steps alone."""
     s, (B, n_f), dev = cfg.sde, action_tokens.shape[:2], x0.device
     ts, g, z1, sel = sde_draws(cfg, B, (n_f - 1, model.n_tok, model.cfg.latent_channels), generator, dev)
 

@@ -30,6 +30,10 @@ class SDEConfig:
     #                       | "sum" (ratio moves D× more in log space; the LLM-style clip 0.2 fits)
     logprob_reduce: Literal["mean", "sum"] = "mean"
     tau: float = 0.6  # timestep selection τ: fraction of the K − 1 non-final steps trained per trajectory (Table 7)
+    # > 0: the SDE's noise on the first `window` steps only, ODE steps after, and exactly those steps trained (τ
+    # unused): every difference within a group then comes from noise the loss credits (Flow-GRPO-Fast's few SDE
+    # steps, early, where a frame's layout is decided); 0 = noise on every step (the paper)
+    window: int = 0
     same_noise: bool = False  # all G rollouts of a group start from the same x_1 (DanceGRPO video; ref §2.4)
     eval_steps: int = 18  # deterministic evaluation steps (paper §5.1: DPM-Solver++, 18 steps)
     eval_solver: Literal["dpm2m", "euler"] = "dpm2m"  # evaluation sampler: "dpm2m" (DPM-Solver++ 2M) | "euler"
@@ -64,6 +68,8 @@ def diffusion_coeff(ts: torch.Tensor, cfg: SDEConfig) -> torch.Tensor:
         g = torch.full_like(t, cfg.noise_level)  # [K]  g = η
     else:
         raise ValueError(f"sde.schedule={cfg.schedule!r} is not 'flow' or 'dance'; fix the config")
+    if cfg.window:
+        g[cfg.window:] = 0.0  # [K]  ODE steps after the window
     return g.float()
 
 
@@ -143,18 +149,25 @@ def kl_to_ref(mean: torch.Tensor, mean_ref: torch.Tensor, std: float | torch.Ten
 # Timestep selection τ (ref §2.3 and §7(F))
 
 
-def select_steps(n: int, K: int, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def select_steps(n: int, K: int, tau: float, generator: torch.Generator | None = None,
+                 window: int = 0) -> torch.Tensor:
     """DanceGRPO's τ: per trajectory, a uniformly random subset of int(τ·(K − 1)) of the K − 1
-    non-final steps (the last step, into t = 0, is never trained). Returns bool [n, K] on the
-    generator's device (CPU without one)."""
+    non-final steps (the last step, into t = 0, is never trained); with a `window` (SDEConfig.window)
+    exactly its steps, for every trajectory. Returns bool [n, K] on the generator's device (CPU without
+    one); the generator is drawn from either way, so what follows in a rollout draws the same noise."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau={tau} must be in [0, 1]")
     if K < 1:
         raise ValueError(f"need at least one step, got K={K}")
+    if not 0 <= window < K:
+        raise ValueError(f"sde.window={window} must be in [0, K-1 = {K - 1}]: the last step is never stochastic")
     n_sel = int(tau * (K - 1))  # K = 10, τ = 0.6 -> 5 of 9
     dev = generator.device if generator is not None else None
     order = torch.rand(n, K - 1, generator=generator, device=dev).argsort(dim=1)  # [n, K-1]  randperm per row
     mask = torch.zeros(n, K, dtype=torch.bool, device=dev)  # [n, K]
+    if window:
+        mask[:, :window] = True  # [n, K]  the stochastic steps
+        return mask
     mask.scatter_(1, order[:, :n_sel], True)  # [n, K]  column K-1 stays False
     return mask
 
@@ -259,7 +272,7 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
     Returns (x0 [B, ...], trajectory [K+1, B, ...] with trajectory[0] = x1, means [K, B, ...],
     stds [K], log_probs [batch..., K]) all float32, where batch... are the first `batch_dims` dims
     of x1 (as in log_prob); log_probs[..., k] is the log-density of trajectory[k] → trajectory[k+1]
-    (undefined where g_k = 0). Noise comes from `generator` (one, or one per group of rows: per_group),
+    (0 where g_k = 0: a deterministic step has none). Noise comes from `generator` (one, or one per group of rows: per_group),
     so a fixed seed replays the rollout.
     """
     K = ts.shape[0] - 1
@@ -273,5 +286,6 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
         traj.append(x)
         means.append(mean)
         stds.append(std.reshape(()))
-        lps.append(log_prob(x, mean, std, reduce, batch_dims))  # [batch...]
+        # a deterministic step (g_k = 0) has no density: 0, as for any step the loss does not train
+        lps.append(log_prob(x, mean, std, reduce, batch_dims) if g[k] > 0 else x.new_zeros(x.shape[:batch_dims]))
     return x, torch.stack(traj), torch.stack(means), torch.stack(stds), torch.stack(lps, dim=-1)

@@ -248,6 +248,20 @@ def test_zero_noise_rollout_equals_euler_sampler():
     assert dpm.shape == ev.shape and dpm.dtype == torch.uint8 and torch.equal(dpm[:, 0], ev[:, 0])
 
 
+def test_window_rollout_trains_its_steps_and_replays_to_ratio_one():
+    """sde.window=2 with shared x_1: every frame's mask is the first 2 steps, the replay of those steps gives the
+    rollout's log-probs, and the members of a group differ only through the window's noise."""
+    model, B, K = tiny_model(frames=4), 4, 5
+    video, tokens = clip(B, 4, seed=6)
+    cfg = run_cfg(2, steps=K, window=2, same_noise=True)
+    ro = rollout(model, video[:, 0], tokens, cfg, torch.Generator().manual_seed(7))
+    assert ro.mask.view(B, 3, K).tolist() == [[[1.0] * 2 + [0.0] * 3] * 3] * B
+    lp, _ = log_probs(model, ro, cfg)
+    sel = ro.mask.bool()
+    assert torch.allclose(lp[sel], ro.logp[sel], atol=1e-5) and (ro.logp[~sel] == 0).all()
+    assert torch.equal(ro.traj[0, :, 0], ro.traj[1, :, 0]) and not torch.equal(ro.traj[0, :, 1], ro.traj[1, :, 1])
+
+
 def test_same_initial_noise_within_a_group():
     model, B, F_ = tiny_model(frames=3), 4, 3
     video, tokens = clip(B, F_, seed=5)

@@ -181,6 +181,25 @@ def test_select_steps_count_last_step_and_randomness():
     assert not select_steps(4, 10, 0.0).any()
 
 
+def test_window_keeps_the_noise_and_the_training_on_its_first_steps():
+    """sde.window=2: g_k as without a window on steps 0-1 and 0 after, exactly those steps trained, and the path
+    after the window the Euler ODE from x_{t_2}, with log-prob 0 on those deterministic steps."""
+    ts = timesteps(6)
+    g = diffusion_coeff(ts, SDEConfig(steps=6, window=2))
+    torch.testing.assert_close(g[:2], diffusion_coeff(ts, SDEConfig(steps=6))[:2])
+    assert (g[2:] == 0).all()
+    mask = select_steps(3, 6, 0.6, torch.Generator().manual_seed(0), window=2)  # [3, 6]
+    assert mask.tolist() == [[True] * 2 + [False] * 4] * 3
+    x1 = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    x, traj, _, _, lps = sample_sde(linear_v, x1, ts, g, torch.Generator().manual_seed(2))
+    assert (lps[:, 2:] == 0).all() and torch.isfinite(lps).all() and (lps[:, :2] != 0).all()
+    torch.testing.assert_close(x, euler_sample(linear_v, traj[2], ts[2:]))
+    other = sample_sde(linear_v, x1, ts, g, torch.Generator().manual_seed(3))[1]
+    assert not torch.equal(other[1], traj[1])                 # the window's steps are stochastic
+    with pytest.raises(ValueError, match="window"):
+        select_steps(1, 6, 0.6, window=6)
+
+
 # -----------------------------------------------------------------------------
 # samplers on the Gaussian toy
 
