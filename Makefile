@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make test` and `make train` (ARGS=configs/minicraft_ar.yaml for AR).
+# Two commands on a fresh machine: `make test` and `make train` (ARGS=configs/laptop_ar.yaml for AR).
 # Both first create .venv, or refill it when requirements.txt is newer than its stamp.
 .PHONY: test train
 

@@ -5,10 +5,10 @@ times with the world model, let the reward IDM read the actions back from every 
 (Eq. 3), turn rewards into group-relative advantages (Eq. 1), recompute log-probs under the current
 weights with the action tokens masked (§4.2), and step AdamW on the clipped surrogate (Eq. 2).
 
-    python train.py                                              # embedded world, NFD, CPU (minicraft_nfd.yaml)
+    python train.py                                              # embedded world, NFD, CPU (laptop_nfd.yaml)
     make train                                                   # the same, creating .venv first if needed
-    python train.py configs/minicraft_ar.yaml                    # embedded world, AR, CPU
-    python train.py configs/minicraft_ar.yaml --rl.reward=pixel  # the RLVR-World baseline (Eq. 6)
+    python train.py configs/laptop_ar.yaml                       # embedded world, AR, CPU
+    python train.py configs/laptop_ar.yaml --rl.reward=pixel     # the RLVR-World baseline (Eq. 6)
     python train.py configs/mineworld_700m.yaml --data.source=DIR --rl.vpt_idm=4x_idm.model,4x_idm.weights
     torchrun --standalone --nproc_per_node=8 train.py configs/mineworld_700m.yaml ...   # 1 node, 8 GPUs
 
@@ -72,8 +72,8 @@ def slice_rollout(ro, i: int, j: int):
 
 @torch.no_grad()
 def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
-    """fn(model, rows, cfg) over the rollout without gradient, rl.micro_batch rows per forward: π_old
-    (api.log_probs, the same forward as the update, so the first ratio is exactly 1) and π_ref (api.reference)."""
+    """fn(model, rows, cfg) over the rollout without gradient, rl.micro_batch rows per forward: π_ref's side of
+    the KL (api.reference), or log π_θ of the stored samples (api.log_probs; the update's own forward)."""
     mb = cfg.rl.micro_batch
     parts = [fn(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)]
     return torch.cat([p[0] if isinstance(p, tuple) else p for p in parts])
@@ -231,7 +231,6 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
 class Experience:
     ro: object                   # the world model's Rollout; ro.ref holds π_ref's replay when β > 0
     rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6); frame groups: t, t+1
-    old: torch.Tensor            # [P/world * G, L] log π_old of this rank's rollouts
     adv: torch.Tensor | None     # [P/world * G] per clip or [P/world * G, L] per entry; None if a reward is not finite
     stats: dict                  # group statistics of Eq. 1 (reward mean/std, zero-std groups, ...)
 
@@ -266,7 +265,7 @@ def scored_terms(r: torch.Tensor, frame: int | None) -> torch.Tensor:
 def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int,
             frame: int | None = None) -> Experience:
     """Roll out G clips per prompt (batch rows are groups of G), score every frame (Eq. 3 or 6), form the
-    advantages (Eq. 1) and replay the rollouts for π_old and, if β > 0, the frozen reference π_ref. With
+    advantages (Eq. 1) and, if β > 0, replay the rollouts under the frozen reference π_ref. With
     `frame` t (rl.groups "frame"), the G samples differ in frame t alone (api.branch) and their reward is the mean
     of the rewards at t and t+1, the frames whose actions the IDM reads from frame t's pixels."""
     model.eval()
@@ -276,11 +275,10 @@ def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank:
         ro = api.branch(model, batch["frames"], batch["tokens"], frame, cfg, generators)
     r = scored_terms(reward(ro.frames, batch).float(), frame)  # [P/world * G, 15|2|1]
     r = gather_rewards(r, world, cfg.rl.group_size)            # [P * G, 15|2|1]
-    old = replay(api.log_probs, model, ro, cfg)                # π_old, [P/world * G, L]
     if ref is not None:
         ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
     adv, stats = advantages(r, ro, cfg, rank, world) if torch.isfinite(r).all() else (None, {})  # r is global
-    return Experience(ro, r, old, adv, stats)
+    return Experience(ro, r, adv, stats)
 
 
 def backward(train_model, api, exp: Experience, cfg: Config) -> tuple[list, list]:
@@ -298,7 +296,9 @@ def backward(train_model, api, exp: Experience, cfg: Config) -> tuple[list, list
         sync = not ddp or i + mb >= n                          # all-reduce gradients once, at the end
         with contextlib.nullcontext() if sync else train_model.no_sync():
             lp, kl = api.log_probs(train_model, part, cfg)
-            loss, st = grpo.policy_loss(lp, exp.old[i:i + mb], exp.adv[i:i + mb], part.mask, cfg.grpo, kl)  # Eq. 2
+            # Eq. 2. One pass per batch: π_old is π_θ before this step, so its log-probs are lp's values (TRL's
+            # choice; the sampler's own ro.logp agree to ~1e-5 in fp32, a replay would only cost a forward)
+            loss, st = grpo.policy_loss(lp, lp.detach(), exp.adv[i:i + mb], part.mask, cfg.grpo, kl)
             weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
             (loss * weight).backward()                         # a NaN reaches every rank's gradient
         losses.append(loss.detach())
@@ -310,7 +310,7 @@ def update(train_model, api, opt, params: list, exp: Experience, cfg: Config, de
     """One AdamW step on Eq. 2 unless something is not finite (reward, advantage, log-prob, loss or gradient
     norm, on any rank): then nothing changes, neither the weights nor AdamW's moments. Returns the log row's
     entries and the reason for a skip (None if the step was taken)."""
-    why = first_nonfinite({"reward": exp.rewards, "advantage": exp.adv, "log-prob": exp.old,
+    why = first_nonfinite({"reward": exp.rewards, "advantage": exp.adv, "log-prob": exp.ro.logp,
                            "reference": exp.ro.ref}, device)  # the same verdict on every rank (DDP lockstep)
     train_model.train()
     opt.zero_grad(set_to_none=True)
@@ -333,15 +333,10 @@ def update(train_model, api, opt, params: list, exp: Experience, cfg: Config, de
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the paper's protocol on held-out clips (evaluate.py), reward and judge IDMs.
 # ---------------------------------------------------------------------------------------------
-def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, reward) -> None:
-    """Rows gt, recon (the tokenizer's bound), before and, if eval.best_of, best_of (the reward IDM's pick of
-    eval.best_of base samples; `reward` is the run's, reused when it is the inverse reward) into results.json;
-    the before videos kept for the side-by-side video."""
-    videos, names, best_by = [], ("recon", "before"), None
-    if cfg.eval.best_of:
-        names += ("best_of",)
-        best_by = reward if cfg.rl.reward == "idm" else reward_fn(
-            dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, reward="idm")), device, held)
+def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, best_by) -> None:
+    """Rows gt, recon (the tokenizer's bound), before and, if eval.best_of, best_of (the pick of eval.best_of base
+    samples by `best_by`, the inverse reward) into results.json; the before videos kept for the side-by-side video."""
+    videos, names = [], ("recon", "before") + (("best_of",) if cfg.eval.best_of else ())
     results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
                **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -377,7 +372,7 @@ def check_batch(rl, world: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
-DEFAULT_CONFIG = Path(__file__).with_name("configs") / "minicraft_nfd.yaml"
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "laptop_nfd.yaml"
 
 
 def main(argv: list[str]) -> None:
@@ -420,7 +415,10 @@ def main(argv: list[str]) -> None:
     stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     if rank == 0 and start == 0:
-        evaluate_before(api, model, held, cfg, device, scorers, out, reward)
+        # the best_of row's pick: the run's reward when it is the inverse one, else one built like it (Eq. 3)
+        best_by = None if not cfg.eval.best_of else reward if rl.reward == "idm" else reward_fn(
+            dataclasses.replace(cfg, rl=dataclasses.replace(rl, reward="idm")), device, prompts)
+        evaluate_before(api, model, held, cfg, device, scorers, out, best_by)
 
     batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, model.action_offset,
                            cfg.data.camera_tokens)

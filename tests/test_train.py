@@ -45,7 +45,7 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
     clips = data.load_clips(cfg.data)[0]
     batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:2], 16).items()}
     ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    exp = train.Experience(ro, torch.zeros(4, 15), ro.logp.detach(), torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
+    exp = train.Experience(ro, torch.zeros(4, 15), torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
     grads = []
     for mb in (4, 1):
         model.zero_grad(set_to_none=True)
@@ -114,7 +114,7 @@ def test_the_loop_climbs_an_easy_reward_on_the_shipped_model(tmp_path, monkeypat
 
 
 def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
-    """`python train.py` (no YAML, maybe overrides) runs configs/minicraft_nfd.yaml on the shipped assets."""
+    """`python train.py` (no YAML, maybe overrides) runs configs/laptop_nfd.yaml on the shipped assets."""
     seen = []
 
     def stop(cls, argv):
@@ -129,7 +129,7 @@ def test_no_config_file_means_the_embedded_nfd_default(monkeypatch):
     monkeypatch.undo()
     cfg, name = config.parse(config.Config, [str(train.DEFAULT_CONFIG)])
     api, model = train.world_model(cfg)                       # the shipped AE and NFD base load strictly
-    assert name == "minicraft_nfd" and api is model_diffusion
+    assert name == "laptop_nfd" and api is model_diffusion
     shipped = torch.load(cfg.nfd.init_from, weights_only=True)["model"]
     assert all(torch.equal(v, shipped[k].float()) for k, v in model.state_dict().items() if k in shipped)
 
@@ -167,12 +167,12 @@ def test_best_of_objective_raises_the_likelihood_of_each_groups_pick(assets):
     r = torch.tensor([0.2, 0.7, 0.4, 0.1]).repeat_interleave(15).view(4, 15)
     adv, _ = train.advantages(r, ro, cfg, 0, 1)
     assert adv.tolist() == [0.0, 1.0, 1.0, 0.0]
-    exp = train.Experience(ro, r, train.replay(api.log_probs, model, ro, cfg), adv, {})
+    exp, before = train.Experience(ro, r, adv, {}), train.replay(api.log_probs, model, ro, cfg)   # [4, L]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl.lr, weight_decay=0)
     for _ in range(3):
         train.update(model, api, opt, params, exp, cfg, "cpu")
-    gain = (train.replay(api.log_probs, model, ro, cfg) - exp.old).mul(ro.mask).sum(1)   # [4] log-likelihood change
+    gain = (train.replay(api.log_probs, model, ro, cfg) - before).mul(ro.mask).sum(1)   # [4] log-likelihood change
     assert gain[1] > 1 and gain[2] > 1
 
 
