@@ -6,6 +6,7 @@ config files (test_config.py); corrupt or truncated mp4/jsonl and short clips (t
 malicious pickle and checkpoint key errors of model files (test_idm.py, test_model_ar.py); rewards
 that do not split into groups (test_grpo.py).
 """
+import dataclasses
 import json
 import os
 import random
@@ -204,14 +205,21 @@ def nan_from(real, from_call: int, calls: list):
 
 
 def inject(monkeypatch, what: str, from_call: int = 1) -> None:
-    """Make the reward, the log-probs or the loss NaN from the `from_call`-th call on."""
+    """Make the reward, the rollout's log-probs or the loss NaN from the `from_call`-th call on."""
     calls = []
     if what == "reward":                                      # the reward function train.reward_fn builds
         real_fn = train.reward_fn
         monkeypatch.setattr(train, "reward_fn", lambda *a, **k: nan_from(real_fn(*a, **k), from_call, calls))
+    elif what == "log-prob":                                  # what the sampler recorded
+        real_rollout = model_ar.rollout
+
+        def rollout(*a, **k):
+            ro = real_rollout(*a, **k)
+            calls.append(1)
+            return ro if len(calls) < from_call else dataclasses.replace(ro, logp=ro.logp * float("nan"))
+        monkeypatch.setattr(model_ar, "rollout", rollout)
     else:
-        target, name = {"log-prob": (model_ar, "log_probs"), "loss": (train.grpo, "policy_loss")}[what]
-        monkeypatch.setattr(target, name, nan_from(getattr(target, name), from_call, calls))
+        monkeypatch.setattr(train.grpo, "policy_loss", nan_from(train.grpo.policy_loss, from_call, calls))
 
 
 @pytest.mark.parametrize("what", ["reward", "log-prob", "loss"])
