@@ -272,8 +272,8 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
     Returns (x0 [B, ...], trajectory [K+1, B, ...] with trajectory[0] = x1, means [K, B, ...],
     stds [K], log_probs [batch..., K]) all float32, where batch... are the first `batch_dims` dims
     of x1 (as in log_prob); log_probs[..., k] is the log-density of trajectory[k] → trajectory[k+1]
-    (0 where g_k = 0: a deterministic step has none). Noise comes from `generator` (one, or one per group of rows: per_group),
-    so a fixed seed replays the rollout.
+    (0 where g_k = 0: a deterministic step has none). Noise comes from `generator` (one, or one per group
+    of rows: per_group), so a fixed seed replays the rollout.
     """
     K = ts.shape[0] - 1
     if g.shape != (K,):
