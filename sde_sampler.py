@@ -280,6 +280,7 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
         raise ValueError(f"g must be [K] = [{K}] (diffusion_coeff(ts, cfg)), got {tuple(g.shape)}")
     x = x1.float()  # [B, ...]
     traj, means, stds, lps = [x], [], [], []
+    noisy = (g > 0).tolist()  # [K] read once: a test of g[k] inside the loop would sync a GPU every step
     for k in range(K):
         v = v_fn(x, ts[k])  # [B, ...]
         x, mean, std = sde_step(x, v, ts[k], ts[k + 1], g[k], noise=randn(x.shape, generator, x.device))
@@ -287,5 +288,5 @@ def sample_sde(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor, g: torch.Te
         means.append(mean)
         stds.append(std.reshape(()))
         # a deterministic step (g_k = 0) has no density: 0, as for any step the loss does not train
-        lps.append(log_prob(x, mean, std, reduce, batch_dims) if g[k] > 0 else x.new_zeros(x.shape[:batch_dims]))
+        lps.append(log_prob(x, mean, std, reduce, batch_dims) if noisy[k] else x.new_zeros(x.shape[:batch_dims]))
     return x, torch.stack(traj), torch.stack(means), torch.stack(stds), torch.stack(lps, dim=-1)
