@@ -359,8 +359,13 @@ def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) ->
         evaluate.write_side_by_side(out / "side_by_side.mp4", [gt, before, torch.cat(videos)], cfg.eval.fps)
 
 
-def check_batch(rl, world: int) -> None:
-    """Each GRPO group lives on one rank (its advantages then need no communication): checked before any work."""
+def check_run(cfg: Config, world: int) -> None:
+    """Checked before any work: each GRPO group lives on one rank (its advantages then need no communication), the
+    sizes are positive, and the evaluation's reward-IDM column reads with an IDM that gives the reward."""
+    rl = cfg.rl
+    if not rl.vpt_idm and cfg.eval.reward_idm not in rl.reward_idm.split(","):
+        raise UsageError(f"eval.reward_idm={cfg.eval.reward_idm} is not the IDM that gives the reward "
+                         f"(rl.reward_idm={rl.reward_idm}): set both to the same file, or list it in the ensemble")
     if world > rl.prompts or rl.prompts % world:
         raise UsageError(f"rl.prompts={rl.prompts} prompts per step cannot be split over {world} ranks: each GRPO "
                          f"group lives on one rank, so launch a divisor of rl.prompts ranks or change rl.prompts")
@@ -381,7 +386,7 @@ def main(argv: list[str]) -> None:
     cfg, name = config.parse(Config, argv)
     rl, G = cfg.rl, cfg.rl.group_size
     device, rank, world = runtime.setup(cfg.run)
-    check_batch(rl, world)
+    check_run(cfg, world)
     out = Path(cfg.run.out or f"out/{name}")
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
     if rank == 0:

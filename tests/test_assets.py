@@ -1,6 +1,8 @@
 """The shipped embedded assets: the IDMs still meet the bar docs/2026-11-22-embedded-idms.md states (the GT row on 256
-held-out clips); the base world models load into their configs and leave headroom below that row."""
+held-out clips); the base world models load into their configs and leave headroom below that row; every config
+reports the reward it trains on."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,16 @@ def test_shipped_world_models_load_into_their_configs(yaml):
     assert saved.keys() == own.keys()
     for k, v in saved.items():
         assert own[k].dtype == torch.float32 and torch.equal(own[k], v.float()), k
+
+
+@pytest.mark.parametrize("yaml", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_every_config_reports_the_reward_it_trains_on(yaml):
+    """The evaluation's reward-IDM column reads with an IDM that gives the reward (train.check_run), and every
+    embedded reward IDM a config names is shipped."""
+    cfg, _ = config.parse(config.Config, [yaml])
+    train.check_run(cfg, 1)
+    if not cfg.rl.vpt_idm:
+        assert all(Path(p).is_file() for p in cfg.rl.reward_idm.split(",")), cfg.rl.reward_idm
 
 
 @pytest.mark.slow

@@ -282,6 +282,16 @@ def test_rank_count_that_does_not_fit_the_prompts(assets, tmp_path, monkeypatch,
     assert not (tmp_path / "run").exists()                    # before any work
 
 
+def test_an_evaluation_reward_idm_that_gives_no_reward_is_rejected(assets, tmp_path):
+    """The reward-IDM column must read with the reward's own IDM (or one member of its ensemble)."""
+    with pytest.raises(config.UsageError, match="is not the IDM that gives the reward"):
+        train.main(args(assets, tmp_path / "run", f"--eval.reward_idm={assets}/judge.pt"))
+    assert not (tmp_path / "run").exists()
+    ensemble = f"--rl.reward_idm={assets}/judge.pt,{assets}/reward.pt"
+    train.main(args(assets, tmp_path / "ok", ensemble, "--rl.reward=idm", "--rl.steps=1"))   # a member: accepted
+    assert (tmp_path / "ok" / "results.json").exists()
+
+
 @pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps", "rl.steps"])
 def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
     with pytest.raises(config.UsageError, match="must all be >= 1"):
