@@ -387,6 +387,25 @@ def predict_groups(idm: IDM, frames) -> torch.Tensor:
     return data.action_groups(*predict(idm, frames))
 
 
+def true_label_probs(out: dict, true_groups: torch.Tensor) -> torch.Tensor:
+    """The IDM's probability of each given group label (its forward's log-probs `out`, true groups [B, T, 9]) ->
+    float [B, T, 9]: what a match of its argmax (`predict_groups`) becomes when the reading is kept soft. The
+    buttons are independent Bernoullis, so a pair (first, second) reads label 0 (neither or both) with
+    (1 − p1)(1 − p2) + p1 p2, label 1 with p1 (1 − p2), label 2 with p2 (1 − p1); a binary group with p or 1 − p;
+    a camera axis with its bin's softmax probability."""
+    col = {name: i for i, name in enumerate(data.VPT_BUTTONS)}
+    pressed = out["buttons"][..., 1].exp()  # [B, T, 20]  P(button pressed)
+    probs = []
+    for first, second in data.GROUP_PAIRS:
+        a, b = pressed[..., col[first]], pressed[..., col[second]]  # [B, T]
+        probs.append(torch.stack([(1 - a) * (1 - b) + a * b, a * (1 - b), b * (1 - a)], -1))  # [B, T, 3]
+    probs += [torch.stack([1 - pressed[..., col[n]], pressed[..., col[n]]], -1) for n in data.GROUP_BINARY]
+    labels = true_groups.to(pressed.device)
+    per_group = [p.gather(-1, labels[..., g:g + 1])[..., 0] for g, p in enumerate(probs)]  # 7 x [B, T]
+    camera = out["camera"].exp().gather(-1, labels[..., 7:, None])[..., 0]  # [B, T, 2]
+    return torch.cat([torch.stack(per_group, -1), camera], -1)  # [B, T, 9]
+
+
 def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: torch.Tensor | None = None):
     """Negative log-likelihood of the labelled action (§3.1): per frame, the sum over the 20 button heads
     and the 2 camera heads of -log p (the tempered log-probs, as VPT's policy log_prob sums its 22
@@ -406,7 +425,7 @@ def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: 
 # The inverse reward (Eq. 3).
 
 def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
-                   per_frame: bool = False, label_weights: torch.Tensor | None = None):
+                   per_frame: bool = False, label_weights: torch.Tensor | None = None, per_group: bool = False):
     """Eq. 3: R = 1/n sum_{t=1..n} 1[â_t == a_t], per clip. Inputs are the 9 evaluation groups per frame
     (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop, pitch bin, yaw bin)
     of the IDM prediction and of the given actions, [B, T, 9] over frames 0..T-1. Frame 0 is the context
@@ -414,27 +433,33 @@ def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granula
     "group": the fraction of matching groups per frame (a denser variant); "balanced": the 7 judged groups,
     each match weighted by label_weights[group, true label] ([7, 11], data.label_weights: the inverse frequency
     of that label), a per-frame surrogate of the macro F1 the evaluation reports. Returns float [B], or the
-    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R)."""
+    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R); with per_group (granularity
+    "group" or "balanced"), each frame's score split into its groups' shares, [B, T-1, 9 or 7] (their sum over
+    the last dimension is the frame's score), for rl.advantage "per_group"."""
     if pred_groups.shape != true_groups.shape or pred_groups.ndim != 3 or pred_groups.shape[1] < 2:
         raise ValueError(f"inverse_reward: need pred and true groups of the same shape [B, T>=2, 9]; got "
                          f"{tuple(pred_groups.shape)} and {tuple(true_groups.shape)}")
     # The IDM ran on all T frames (context + generated, §5.1: inference length 16); its frame-t output is
     # compared with a_t, the action that produced frame t (MineWorld's eval pairs them the same way).
     match = pred_groups[:, 1:] == true_groups[:, 1:]  # [B, T-1, 9]; frame t vs a_t, t = 1..T-1
+    if per_group and granularity == "exact":
+        raise ValueError("inverse_reward: per_group needs granularity 'group' or 'balanced' (Eq. 3's exact match "
+                         "of all 9 groups does not split into groups)")
     if granularity == "exact":
         scores = match.all(dim=-1).float()  # [B, T-1]
     elif granularity == "group":
-        scores = match.float().mean(dim=-1)  # [B, T-1]
+        scores = match.float() / match.shape[-1] if per_group else match.float().mean(dim=-1)  # [B, T-1(, 9)]
     elif granularity == "balanced":
         if label_weights is None:
             raise ValueError("inverse_reward: granularity 'balanced' needs label_weights (data.label_weights)")
         true = true_groups[:, 1:, :7]  # [B, T-1, 7]
         w = label_weights.to(true.device)[torch.arange(7, device=true.device), true]  # [B, T-1, 7]
-        scores = (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1]
+        shares = match[..., :7] * w / w.sum(-1, keepdim=True)  # [B, T-1, 7]  the groups' shares of the score
+        scores = shares if per_group else (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1(, 7)]
     else:
         raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3), 'group' or 'balanced'; "
                          f"got {granularity!r}")
-    return scores if per_frame else scores.mean(dim=-1)  # [B, T-1] or [B]
+    return scores if per_frame else scores.mean(dim=1)  # [B, T-1(, K)] or [B(, K)]
 
 
 # ----------------------------------------------------------------------------------------------------

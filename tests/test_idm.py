@@ -105,6 +105,22 @@ def test_predict_loss_and_reward_on_fixture(vpt, fixture_io, batched):
                                torch.full((2,), 8 / 9))
 
 
+def test_true_label_probs_are_the_groups_label_probabilities(batched):
+    """The soft reading: per group, the probabilities of its labels sum to 1; hand values on one frame; the
+    argmax reading's label is the likelier one of each binary group."""
+    for g, labels in enumerate([3, 3, 3, 2, 2, 2, 2, 11, 11]):    # 3-way pairs, binary groups, camera bins
+        true = [torch.zeros(2, 16, 9, dtype=torch.int64).index_fill_(2, torch.tensor([g]), k) for k in range(labels)]
+        total = sum(idm.true_label_probs(batched, t)[..., g] for t in true)  # [2, 16]
+        torch.testing.assert_close(total, torch.ones(2, 16))
+    p = torch.zeros(1, 1, 20)
+    p[..., idm.BUTTONS.index("back")], p[..., idm.BUTTONS.index("forward")] = 0.2, 0.7
+    out = {"buttons": torch.stack([1 - p, p], -1).log(), "camera": torch.full((1, 1, 2, 11), 1 / 11).log()}
+    probs = [idm.true_label_probs(out, torch.tensor([[[label] + [0] * 8]]))[0, 0, 0].item() for label in range(3)]
+    assert probs == pytest.approx([0.8 * 0.3 + 0.2 * 0.7, 0.2 * 0.3, 0.7 * 0.8])   # neither/both, back, forward
+    read = data.action_groups(batched["buttons"].argmax(-1), batched["camera"].argmax(-1))  # [2, 16, 9]
+    assert (idm.true_label_probs(batched, read)[..., 3:7] >= 0.5).all()
+
+
 def test_state_dict_keys_match_vpt(vpt):
     ref = torch.load(WEIGHTS, weights_only=True)
     ours = vpt.state_dict()
@@ -218,6 +234,14 @@ def test_inverse_reward_hand_worked():
     weights[4, 0] = 4.0  # group 4's label 0 (the true one everywhere) weighs 4: frame 2 of clip 0 keeps 6 of 10
     balanced = idm.inverse_reward(pred, true, "balanced", label_weights=weights)
     torch.testing.assert_close(balanced, torch.tensor([(1 + 6 / 10 + 7 / 10) / 3, 1.0]))  # frame 3: 3 of 10 lost
+    # per_group: each frame's score split into its groups' shares, which sum back to it
+    for form, w, k in (("group", None, 9), ("balanced", weights, 7)):
+        shares = idm.inverse_reward(pred, true, form, True, w, per_group=True)  # [2, 3, K]
+        assert shares.shape == (2, 3, k)
+        torch.testing.assert_close(shares.sum(-1), idm.inverse_reward(pred, true, form, True, w))
+    assert idm.inverse_reward(pred, true, "balanced", True, weights, True)[0, 1, 4].item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="per_group needs"):
+        idm.inverse_reward(pred, true, per_group=True)
     with pytest.raises(ValueError, match="label_weights"):
         idm.inverse_reward(pred, true, "balanced")
     with pytest.raises(ValueError, match="granularity"):
