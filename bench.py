@@ -140,7 +140,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
         gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
         t = train.branch_frame(cfg, b)
         exp = train.collect(api, model, None, batch, reward, cfg, gens, 0, 1, t)
-        groups = train.frame_rewards(exp.rewards).mean(1).view(-1, G)       # [P, G] clip rewards
+        groups = exp.rewards.mean(1).view(-1, G)                            # [P, G] clip rewards
         rewards.append(groups)
         judged.append(judge_scores(judge, exp.ro.frames, batch["groups"], t).view(-1, G))   # [P, G]
         within.append(float(groups.std(1).mean()))

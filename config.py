@@ -195,9 +195,9 @@ class RLConfig:
     # "grpo": Eq. 1-2, the paper; "best_of": supervised steps on each group's highest-reward rollout (advantage 1
     # for it, 0 for the rest: rejection-sampling fine-tuning, which never pushes a sample down; grpo.best_of_advantages)
     objective: Literal["grpo", "best_of"] = "grpo"
-    # "joint": Eq. 1 on the reward; "per_group": Eq. 1 on each action group's share of it (granularity "group" or
-    # "balanced"), the advantages summed, so each group counts alike (GDPO; grpo.decoupled_advantages)
-    advantage: Literal["joint", "per_group"] = "joint"
+    # "argmax": a group counts when the IDM's deterministic reading matches (Eq. 3); "soft": it scores the IDM's
+    # probability of the given label, a reward that moves with the reading's confidence (idm.true_label_probs)
+    reading: Literal["argmax", "soft"] = "argmax"
     reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that scores rollouts (`idm.save` files, "a.pt,b.pt":
                                 # an ensemble whose Eq. 3 terms are averaged)
     vpt_idm: str = ""           # "MODEL,WEIGHTS": OpenAI's 4x_idm.model,4x_idm.weights instead

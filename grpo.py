@@ -89,26 +89,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     return adv, stats
 
 
-def decoupled_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """Eq. 1 on each component of a reward that is a sum of K components (train.py's rl.advantage "per_group": the
-    action groups' shares of the inverse reward), then their sum (GDPO, Liu et al. 2026): rewards [N, K] or
-    [N, T, K]; every (frame, component) column is normalised within its group of G as Eq. 1 normalises a reward,
-    the K advantages are summed and the sum scaled to unit std over the batch. Under one joint normalisation the
-    components whose rollouts differ most set the advantage; here each counts as much as the others, whatever
-    its scale. Returns (adv [N] or [N, T], stats as group_advantages', the reward statistics of the sum)."""
-    if rewards.ndim not in (2, 3):
-        raise ValueError(f"decoupled_advantages: rewards must be [N, K] or [N, T, K], got {tuple(rewards.shape)}")
-    z, stats = group_advantages(rewards.flatten(1), group_size, cfg)  # [N, T*K]: each column on its own
-    total = z.view(rewards.shape).sum(-1)  # [N(, T)]
-    adv = total / (total.std(correction=0) + cfg.adv_eps)  # [N(, T)]  unit std over the batch
-    if cfg.adv_clip is not None:
-        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
-    summed = rewards.detach().float().sum(-1)  # [N(, T)] the reward itself
-    stats.update(reward_mean=float(summed.mean()), reward_std=float(summed.std(correction=0)),
-                 adv_abs_mean=float(adv.abs().mean()))
-    return adv, stats
-
-
 def best_of_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Advantage 1 for each group's highest reward, 0 for the rest (train.py's rl.objective "best_of"): with the
     on-policy ratio of 1, Eq. 2's gradient is then the log-likelihood gradient of the reward's pick of G, i.e.

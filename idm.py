@@ -425,7 +425,8 @@ def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: 
 # The inverse reward (Eq. 3).
 
 def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
-                   per_frame: bool = False, label_weights: torch.Tensor | None = None, per_group: bool = False):
+                   per_frame: bool = False, label_weights: torch.Tensor | None = None,
+                   probs: torch.Tensor | None = None):
     """Eq. 3: R = 1/n sum_{t=1..n} 1[â_t == a_t], per clip. Inputs are the 9 evaluation groups per frame
     (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop, pitch bin, yaw bin)
     of the IDM prediction and of the given actions, [B, T, 9] over frames 0..T-1. Frame 0 is the context
@@ -433,33 +434,31 @@ def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granula
     "group": the fraction of matching groups per frame (a denser variant); "balanced": the 7 judged groups,
     each match weighted by label_weights[group, true label] ([7, 11], data.label_weights: the inverse frequency
     of that label), a per-frame surrogate of the macro F1 the evaluation reports. Returns float [B], or the
-    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R); with per_group (granularity
-    "group" or "balanced"), each frame's score split into its groups' shares, [B, T-1, 9 or 7] (their sum over
-    the last dimension is the frame's score), for rl.advantage "per_group"."""
+    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R). With probs, the IDM's
+    probabilities of the given labels ([B, T, 9], true_label_probs) stand for the matches of its argmax
+    (rl.reading "soft"): a group scores how likely the IDM reads it right, and "exact" the product over the 9."""
     if pred_groups.shape != true_groups.shape or pred_groups.ndim != 3 or pred_groups.shape[1] < 2:
         raise ValueError(f"inverse_reward: need pred and true groups of the same shape [B, T>=2, 9]; got "
                          f"{tuple(pred_groups.shape)} and {tuple(true_groups.shape)}")
     # The IDM ran on all T frames (context + generated, §5.1: inference length 16); its frame-t output is
     # compared with a_t, the action that produced frame t (MineWorld's eval pairs them the same way).
     match = pred_groups[:, 1:] == true_groups[:, 1:]  # [B, T-1, 9]; frame t vs a_t, t = 1..T-1
-    if per_group and granularity == "exact":
-        raise ValueError("inverse_reward: per_group needs granularity 'group' or 'balanced' (Eq. 3's exact match "
-                         "of all 9 groups does not split into groups)")
+    if probs is not None:
+        match = probs[:, 1:].float()  # [B, T-1, 9]  the soft reading
     if granularity == "exact":
-        scores = match.all(dim=-1).float()  # [B, T-1]
+        scores = match.all(dim=-1).float() if probs is None else match.prod(dim=-1)  # [B, T-1]
     elif granularity == "group":
-        scores = match.float() / match.shape[-1] if per_group else match.float().mean(dim=-1)  # [B, T-1(, 9)]
+        scores = match.float().mean(dim=-1)  # [B, T-1]
     elif granularity == "balanced":
         if label_weights is None:
             raise ValueError("inverse_reward: granularity 'balanced' needs label_weights (data.label_weights)")
         true = true_groups[:, 1:, :7]  # [B, T-1, 7]
         w = label_weights.to(true.device)[torch.arange(7, device=true.device), true]  # [B, T-1, 7]
-        shares = match[..., :7] * w / w.sum(-1, keepdim=True)  # [B, T-1, 7]  the groups' shares of the score
-        scores = shares if per_group else (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1(, 7)]
+        scores = (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1]
     else:
         raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3), 'group' or 'balanced'; "
                          f"got {granularity!r}")
-    return scores if per_frame else scores.mean(dim=1)  # [B, T-1(, K)] or [B(, K)]
+    return scores if per_frame else scores.mean(dim=-1)  # [B, T-1] or [B]
 
 
 # ----------------------------------------------------------------------------------------------------

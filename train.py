@@ -93,21 +93,22 @@ def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
 
 def reward_fn(cfg: Config, device, clips: list):
     """reward(frames uint8 [B, 16, H, W, 3], batch) -> the reward of every generated frame [B, 15]; a clip's
-    reward is their mean. Under rl.advantage "per_group", [B, 15, K]: each frame's reward split into its action
-    groups' shares (`frame_rewards` sums them). batch holds the given actions' groups and the ground-truth frames (only the pixel
+    reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
     reward looks at those); `clips` are the prompts, whose label frequencies rl.granularity "balanced" weighs by."""
     if cfg.rl.reward == "idm":
         reward_idms = load_reward_idms(cfg, device)
         label_weights = data.label_weights(clips) if cfg.rl.granularity == "balanced" else None
-        per_group = cfg.rl.advantage == "per_group"                # each group's share apart: [B, 15, K]
 
+        @torch.no_grad()
         def inverse(frames, batch):
             terms = []
             for net in reward_idms:
-                pred = idm_lib.predict_groups(net, frames)         # [B, 16, 9]
-                terms.append(idm_lib.inverse_reward(pred, batch["groups"].to(pred.device), cfg.rl.granularity,
-                                                    True, label_weights, per_group))  # [B, 15(, K)], Eq. 3's terms
-            return torch.stack(terms).mean(0)                      # [B, 15(, K)], the ensemble's mean
+                out, true = net(frames), batch["groups"]
+                pred = data.action_groups(out["buttons"].argmax(-1), out["camera"].argmax(-1))   # [B, 16, 9]
+                probs = idm_lib.true_label_probs(out, true) if cfg.rl.reading == "soft" else None  # [B, 16, 9]
+                terms.append(idm_lib.inverse_reward(pred, true.to(pred.device), cfg.rl.granularity, True,
+                                                    label_weights, probs))  # [B, 15], Eq. 3's terms
+            return torch.stack(terms).mean(0)                      # [B, 15], the ensemble's mean
         return inverse
     lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0]
 
@@ -232,27 +233,20 @@ def load_checkpoint(path: Path, model, opt, sched) -> int:
 @dataclasses.dataclass
 class Experience:
     ro: object                   # the world model's Rollout; ro.ref holds π_ref's replay when β > 0
-    rewards: torch.Tensor        # [P * G, 15(, K)] per-frame rewards of the global batch (Eq. 3 or 6); frame groups: t, t+1
+    rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6); frame groups: t, t+1
     adv: torch.Tensor | None     # [P/world * G] per clip or [P/world * G, L] per entry; None if a reward is not finite
     stats: dict                  # group statistics of Eq. 1 (reward mean/std, zero-std groups, ...)
 
 
-def frame_rewards(r: torch.Tensor) -> torch.Tensor:
-    """Per-frame rewards [N, 15] of what the reward function returned: [N, 15], or [N, 15, K] split into groups."""
-    return r.sum(-1) if r.ndim == 3 else r
-
-
 def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, dict]:
-    """Eq. 1 on the global batch's per-frame rewards r [P * G, 15] ([P * G, 15, K] under rl.advantage
-    "per_group": Eq. 1 on each group's share, summed, grpo.decoupled_advantages), then this rank's rows: one
-    advantage per clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit
-    "frame"); under rl.objective "best_of", 1 for the best clip of each group and 0 for the others."""
+    """Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows: one advantage per
+    clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame"); under
+    rl.objective "best_of", 1 for the best clip of each group and 0 for the others."""
     G, best_of = cfg.rl.group_size, cfg.rl.objective == "best_of"
     per_frame = cfg.rl.credit == "frame" and cfg.rl.groups == "clip" and not best_of
-    eq1 = grpo.decoupled_advantages if r.ndim == 3 else grpo.group_advantages
-    adv, stats = eq1(r if per_frame else r.mean(1), G, cfg.grpo)   # [P*G(, 15)]
+    adv, stats = grpo.group_advantages(r if per_frame else r.mean(1), G, cfg.grpo)  # [P*G(, 15)]
     if best_of:
-        adv = grpo.best_of_advantages(frame_rewards(r).mean(1), G)   # [P*G]  1 for each group's pick
+        adv = grpo.best_of_advantages(r.mean(1), G)            # [P*G]  1 for each group's pick
     adv = local_rows(adv, rank, world, G)                      # [P/world * G(, 15)]
     return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 
@@ -282,8 +276,8 @@ def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank:
         ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
     else:
         ro = api.branch(model, batch["frames"], batch["tokens"], frame, cfg, generators)
-    r = scored_terms(reward(ro.frames, batch).float(), frame)  # [P/world * G, 15|2|1(, K)]
-    r = gather_rewards(r, world, cfg.rl.group_size)            # [P * G, 15|2|1(, K)]
+    r = scored_terms(reward(ro.frames, batch).float(), frame)  # [P/world * G, 15|2|1]
+    r = gather_rewards(r, world, cfg.rl.group_size)            # [P * G, 15|2|1]
     if ref is not None:
         ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
     adv, stats = advantages(r, ro, cfg, rank, world) if torch.isfinite(r).all() else (None, {})  # r is global
@@ -370,16 +364,11 @@ def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) ->
 
 def check_run(cfg: Config, world: int) -> None:
     """Checked before any work: each GRPO group lives on one rank (its advantages then need no communication), the
-    sizes are positive, the reward splits into groups where rl.advantage asks for it, and the evaluation's
-    reward-IDM column reads with an IDM that gives the reward."""
+    sizes are positive, and the evaluation's reward-IDM column reads with an IDM that gives the reward."""
     rl = cfg.rl
     if not rl.vpt_idm and cfg.eval.reward_idm not in rl.reward_idm.split(","):
         raise UsageError(f"eval.reward_idm={cfg.eval.reward_idm} is not the IDM that gives the reward "
                          f"(rl.reward_idm={rl.reward_idm}): set both to the same file, or list it in the ensemble")
-    if rl.advantage == "per_group" and (rl.reward != "idm" or rl.granularity == "exact"):
-        raise UsageError(f"rl.advantage=per_group normalises each action group's share of the inverse reward apart; "
-                         f"it needs rl.reward=idm and rl.granularity=group or balanced (got {rl.reward}, "
-                         f"{rl.granularity})")
     if world > rl.prompts or rl.prompts % world:
         raise UsageError(f"rl.prompts={rl.prompts} prompts per step cannot be split over {world} ranks: each GRPO "
                          f"group lives on one rank, so launch a divisor of rl.prompts ranks or change rl.prompts")

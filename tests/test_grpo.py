@@ -10,8 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
-from grpo import (GRPOConfig, best_of_advantages, decoupled_advantages, frame_credit, group_advantages, k3,  # noqa: E402
-                  policy_loss)
+from grpo import GRPOConfig, best_of_advantages, frame_credit, group_advantages, k3, policy_loss  # noqa: E402
 
 # Three groups of G = 4: mixed, all equal (zero std), one success.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
@@ -212,29 +211,6 @@ def test_per_frame_rewards_are_normalised_frame_by_frame():
     assert stats["reward_mean"] == pytest.approx(r.mean().item())
     for t in range(3):                                  # each frame is a 1-D problem of its own
         torch.testing.assert_close(adv[:, t], group_advantages(r[:, t], 2, GRPOConfig(adv_eps=0.0))[0])
-
-
-def test_decoupled_advantages_count_every_component_alike():
-    """rl.advantage "per_group": Eq. 1 on each component, summed, scaled to unit batch std. Scaling one component
-    by 100 leaves the advantages as they were (under one joint Eq. 1 it would decide them alone); one component
-    gives Eq. 1 itself up to the batch scale; [N, K] per clip and [N, T, K] per frame."""
-    g = torch.Generator().manual_seed(0)
-    r = torch.rand(8, 3, 2, generator=g)                # 2 groups of G 4, 3 frames, 2 components
-    cfg = GRPOConfig(adv_clip=None)
-    adv, stats = decoupled_advantages(r, 4, cfg)
-    z = [group_advantages(r[..., k], 4, cfg)[0] for k in range(2)]
-    torch.testing.assert_close(adv, (z[0] + z[1]) / (z[0] + z[1]).std(correction=0), rtol=1e-4, atol=1e-4)
-    loud = r * torch.tensor([100.0, 1.0])
-    torch.testing.assert_close(decoupled_advantages(loud, 4, cfg)[0], adv, rtol=1e-3, atol=1e-3)
-    joint = group_advantages(loud.sum(-1), 4, cfg)[0]   # the loud component alone decides the joint ranking
-    torch.testing.assert_close(joint, group_advantages(loud[..., 0], 4, cfg)[0], rtol=0.1, atol=0.05)
-    assert not torch.allclose(joint, adv, atol=0.1)
-    one = decoupled_advantages(r[..., :1], 4, cfg)[0]
-    torch.testing.assert_close(one, z[0] / z[0].std(correction=0), rtol=1e-4, atol=1e-4)
-    assert stats["reward_mean"] == pytest.approx(r.sum(-1).mean().item())
-    assert decoupled_advantages(r[:, 0], 4, cfg)[0].shape == (8,)
-    with pytest.raises(ValueError, match=r"\[N, K\] or \[N, T, K\]"):
-        decoupled_advantages(r[:, 0, 0], 4, cfg)
 
 
 def test_per_entry_advantages():

@@ -234,14 +234,13 @@ def test_inverse_reward_hand_worked():
     weights[4, 0] = 4.0  # group 4's label 0 (the true one everywhere) weighs 4: frame 2 of clip 0 keeps 6 of 10
     balanced = idm.inverse_reward(pred, true, "balanced", label_weights=weights)
     torch.testing.assert_close(balanced, torch.tensor([(1 + 6 / 10 + 7 / 10) / 3, 1.0]))  # frame 3: 3 of 10 lost
-    # per_group: each frame's score split into its groups' shares, which sum back to it
-    for form, w, k in (("group", None, 9), ("balanced", weights, 7)):
-        shares = idm.inverse_reward(pred, true, form, True, w, per_group=True)  # [2, 3, K]
-        assert shares.shape == (2, 3, k)
-        torch.testing.assert_close(shares.sum(-1), idm.inverse_reward(pred, true, form, True, w))
-    assert idm.inverse_reward(pred, true, "balanced", True, weights, True)[0, 1, 4].item() == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="per_group needs"):
-        idm.inverse_reward(pred, true, per_group=True)
+    # probs (rl.reading "soft"): the IDM's probabilities of the given labels stand for the matches
+    probs = torch.full((2, 4, 9), 0.5)
+    probs[1] = 1.0
+    torch.testing.assert_close(idm.inverse_reward(pred, true, probs=probs), torch.tensor([0.5 ** 9, 1.0]))
+    torch.testing.assert_close(idm.inverse_reward(pred, true, "group", probs=probs), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(idm.inverse_reward(pred, true, "balanced", label_weights=weights, probs=probs),
+                               torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="label_weights"):
         idm.inverse_reward(pred, true, "balanced")
     with pytest.raises(ValueError, match="granularity"):

@@ -292,13 +292,6 @@ def test_an_evaluation_reward_idm_that_gives_no_reward_is_rejected(assets, tmp_p
     assert (tmp_path / "ok" / "results.json").exists()
 
 
-@pytest.mark.parametrize("flags", [["--rl.granularity=exact"], ["--rl.reward=pixel", "--rl.granularity=balanced"]])
-def test_a_per_group_advantage_needs_a_reward_that_splits_into_groups(assets, tmp_path, flags):
-    with pytest.raises(config.UsageError, match="rl.advantage=per_group"):
-        train.main(args(assets, tmp_path / "run", "--rl.advantage=per_group", *flags))
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps", "rl.steps"])
 def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
     with pytest.raises(config.UsageError, match="must all be >= 1"):

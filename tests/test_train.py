@@ -11,6 +11,7 @@ import config
 import data
 import evaluate
 import grpo
+import idm as idm_lib
 import model_diffusion
 import train
 from conftest import tiny_args, tiny_cfg
@@ -192,26 +193,19 @@ def test_an_ensemble_reward_is_the_mean_of_its_members(assets):
         torch.testing.assert_close(both, (a + b) / 2)
 
 
-def test_a_per_group_advantage_splits_the_reward_and_trains(assets, tmp_path):
-    """rl.advantage=per_group: the reward comes split into the 7 judged groups' shares (summing to the balanced
-    reward), Eq. 1 runs on each share (grpo.decoupled_advantages), and a step on them moves the weights."""
+def test_a_soft_reading_scores_the_idms_probability_of_the_given_labels(assets):
+    """rl.reading=soft: a frame's group reward is the mean over groups of the reward IDM's probability of the
+    given label (idm.true_label_probs), not the share of its argmax's matches."""
     clips = data.load_clips(tiny_cfg(assets).data)[0]
     batch = data.collate(clips[:2], 16)
     frames = torch.randint(0, 256, batch["frames"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    flags = ["--rl.granularity=balanced"]
-    split = train.reward_fn(tiny_cfg(assets, extra=[*flags, "--rl.advantage=per_group"]), "cpu", clips)(frames, batch)
-    whole = train.reward_fn(tiny_cfg(assets, extra=flags), "cpu", clips)(frames, batch)
-    assert split.shape == (2, 15, 7)
-    torch.testing.assert_close(train.frame_rewards(split), whole)
-    cfg = tiny_cfg(assets, extra=[*flags, "--rl.advantage=per_group", "--rl.credit=frame", "--rl.group_size=2"])
-    api, model = train.world_model(cfg)
-    doubled = {k: v.repeat_interleave(2, 0) for k, v in batch.items()}
-    shares = torch.rand(4, 15, 7, generator=torch.Generator().manual_seed(1))
-    exp = train.collect(api, model, None, doubled, lambda f, b: shares, cfg, torch.Generator().manual_seed(0), 0, 1)
-    assert exp.adv.shape == exp.ro.mask.shape and exp.adv.abs().sum() > 0   # one advantage per entry
-    params = [p for p in model.parameters() if p.requires_grad]
-    row, why = train.update(model, api, torch.optim.SGD(params, lr=0.1), params, exp, cfg, "cpu")
-    assert why is None and row["grad_norm"] > 0
+    soft, hard = (train.reward_fn(tiny_cfg(assets, extra=["--rl.granularity=group", f"--rl.reading={r}"]), "cpu",
+                                  clips)(frames, batch) for r in ("soft", "argmax"))
+    net = idm_lib.load(tiny_cfg(assets).rl.reward_idm, "reward IDM")
+    with torch.no_grad():
+        want = idm_lib.true_label_probs(net(frames), batch["groups"])[:, 1:].mean(-1)   # [2, 15]
+    torch.testing.assert_close(soft, want)
+    assert not torch.equal(soft, hard) and 0 < soft.min() and soft.max() < 1
 
 
 def test_frame_groups_reward_frame_t_and_its_successor_and_train(assets, tmp_path):
