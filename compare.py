@@ -3,7 +3,8 @@
 For each config and seed, train.py runs once per reward variant with the same iterations and seeds:
   rlir        the inverse reward, Eq. 3 (a frame scores 1 when all 9 action groups match)
   rlir_group  the per-group inverse reward (a frame scores the fraction of groups that match)
-  rlir_balanced  the 7 judged groups, each match weighted by the inverse frequency of its true label
+  rlir_balanced  the 7 judged groups, each match weighted by the inverse frequency of its true label (read as the
+                 config reads: laptop_ar.yaml scores the IDM's probability of each label, rl.reading "soft")
   pixel       RLVR-World's −(L1 + LPIPS), Eq. 6 (L1 only when no LPIPS backbone is at hand)
 The gt, recon, base (and, with --eval.best_of=N, best_of: the reward IDM's pick of N) rows are the runs'
 shared "before" evaluation. Every row is averaged over the seeds (mean ± std) into OUT/compare.md (and .json);
@@ -34,8 +35,8 @@ import runtime
 import evaluate
 
 VARIANTS = {                                                  # train.py flags of each reward variant
-    "rlir": ["--rl.reward=idm", "--rl.granularity=exact"],      # Eq. 3
-    "rlir_group": ["--rl.reward=idm", "--rl.granularity=group"],
+    "rlir": ["--rl.reward=idm", "--rl.granularity=exact", "--rl.reading=argmax"],      # Eq. 3
+    "rlir_group": ["--rl.reward=idm", "--rl.granularity=group", "--rl.reading=argmax"],
     "rlir_balanced": ["--rl.reward=idm", "--rl.granularity=balanced"],   # 7 judged groups, inverse label frequency
     "pixel": ["--rl.reward=pixel"],                             # Eq. 6
 }
