@@ -117,7 +117,7 @@ def idm_read(model: idm_lib.IDM, frames: torch.Tensor) -> tuple[np.ndarray, torc
     """Run the IDM once on all 16 frames of each clip (§5.1, as idm.inverse_reward does) ->
     (action groups int64 [B, T, 9] of its argmax, latent float [B, T, D])."""
     out = model(frames)
-    groups = data.action_groups(out["buttons"].argmax(-1), out["camera"].argmax(-1))  # [B, T, 9]
+    groups = data.action_groups(*idm_lib.decode(out))  # [B, T, 9]
     return groups.cpu().numpy(), out["latent"].float().cpu()
 
 

@@ -373,12 +373,16 @@ class IDM(nn.Module):
         return result
 
 
+def decode(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic decoding (VPT `deterministic=True`) of a forward's output: argmax of each head.
+    Returns buttons int64 [B, T, 20] (order BUTTONS) and camera bins int64 [B, T, 2] ([pitch, yaw], 0..10)."""
+    return out["buttons"].argmax(-1), out["camera"].argmax(-1)
+
+
 @torch.no_grad()
 def predict(idm: IDM, frames) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic decoding (VPT `deterministic=True`): argmax of each head.
-    Returns buttons int64 [B, T, 20] (order BUTTONS) and camera bins int64 [B, T, 2] ([pitch, yaw], 0..10)."""
-    out = idm(frames)
-    return out["buttons"].argmax(-1), out["camera"].argmax(-1)
+    """`decode` of the IDM's forward on frames."""
+    return decode(idm(frames))
 
 
 def predict_groups(idm: IDM, frames) -> torch.Tensor:

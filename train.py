@@ -104,7 +104,7 @@ def reward_fn(cfg: Config, device, clips: list):
             terms = []
             for net in reward_idms:
                 out, true = net(frames), batch["groups"]
-                pred = data.action_groups(out["buttons"].argmax(-1), out["camera"].argmax(-1))   # [B, 16, 9]
+                pred = data.action_groups(*idm_lib.decode(out))    # [B, 16, 9]
                 probs = idm_lib.true_label_probs(out, true) if cfg.rl.reading == "soft" else None  # [B, 16, 9]
                 terms.append(idm_lib.inverse_reward(pred, true.to(pred.device), cfg.rl.granularity, True,
                                                     label_weights, probs))  # [B, 15], Eq. 3's terms

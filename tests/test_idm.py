@@ -117,7 +117,7 @@ def test_true_label_probs_are_the_groups_label_probabilities(batched):
     out = {"buttons": torch.stack([1 - p, p], -1).log(), "camera": torch.full((1, 1, 2, 11), 1 / 11).log()}
     probs = [idm.true_label_probs(out, torch.tensor([[[label] + [0] * 8]]))[0, 0, 0].item() for label in range(3)]
     assert probs == pytest.approx([0.8 * 0.3 + 0.2 * 0.7, 0.2 * 0.3, 0.7 * 0.8])   # neither/both, back, forward
-    read = data.action_groups(batched["buttons"].argmax(-1), batched["camera"].argmax(-1))  # [2, 16, 9]
+    read = data.action_groups(*idm.decode(batched))  # [2, 16, 9]
     assert (idm.true_label_probs(batched, read)[..., 3:7] >= 0.5).all()
 
 

@@ -36,9 +36,10 @@ for i in range(P):
         frames = api.sample_frames(model, batch["frames"][i:i + 1, 0].expand(G, -1, -1, -1),
                                    batch["tokens"][i:i + 1].expand(G, -1, -1), cfg, torch.Generator().manual_seed(i))
         judged.append(idm_lib.predict_groups(judge, frames)[:, 1:])     # [G, 15, 9]
-        rewarded.append(torch.stack([idm_lib.predict_groups(m, frames)[:, 1:] for m in members]))  # [E, G, 15, 9]
-        soft.append(torch.stack([idm_lib.true_label_probs(m(frames), batch["groups"][i:i + 1].expand(G, -1, -1))[:, 1:]
-                                 for m in members]).mean(0))            # [G, 15, 9]
+        outs = [m(frames) for m in members]                             # one forward per member
+        rewarded.append(torch.stack([data.action_groups(*idm_lib.decode(o))[:, 1:] for o in outs]))  # [E, G, 15, 9]
+        soft.append(torch.stack([idm_lib.true_label_probs(o, batch["groups"][i:i + 1].expand(G, -1, -1))[:, 1:]
+                                 for o in outs]).mean(0))               # [G, 15, 9]
 judged, rewarded = torch.stack(judged), torch.stack(rewarded)           # [P, G, 15, 9], [P, E, G, 15, 9]
 soft = torch.stack(soft)                                                # [P, G, 15, 9]
 judge_hit = (judged == true[:, None]).float()                           # [P, G, 15, 9]
