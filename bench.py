@@ -21,7 +21,7 @@ Near 0 means a step's gradient is mostly noise. noise_scale_* is the gradient no
 et al. 2018): the rollouts per step at which one step's signal equals its noise. Beside them, what that
 signal points at: the within-group correlation of the reward with the judge IDM's score of the same
 rollouts (the part of Eq. 1's advantage the judge agrees with) and the judge's gain when the reward picks
-one rollout per group (best-of-G). With --rl.groups=frame the same for frame-level groups.
+one rollout per group (best-of-G).
 """
 import dataclasses
 import json
@@ -110,13 +110,11 @@ def noise_scale(grads: list[torch.Tensor], n: int) -> float:
     return noise / signal if signal > 0 else float("inf")
 
 
-def judge_scores(judge, frames: torch.Tensor, groups: torch.Tensor, t: int | None) -> torch.Tensor:
-    """The judge IDM's share of the 7 judged groups it reads right, per rollout [B], over the frames the reward
-    scores (all 15, or t and t+1 for frame groups)."""
+def judge_scores(judge, frames: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The judge IDM's share of the 7 judged groups it reads right, per rollout [B], over frames 1..15."""
     with torch.no_grad():
         pred = idm_lib.predict_groups(judge, frames)                      # [B, 16, 9]
-    hit = (pred == groups.to(pred.device))[:, 1:, :7].float().mean(2)    # [B, 15]
-    return train.scored_terms(hit, t).mean(1)
+    return (pred == groups.to(pred.device))[:, 1:, :7].float().mean((1, 2))   # [B]
 
 
 def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
@@ -131,26 +129,25 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     reward = train.reward_fn(cfg, device, prompts)
     params = [p for p in model.parameters() if p.requires_grad]
     judge = idm_lib.load(cfg.eval.judge_idm, "eval.judge_idm").to(device)
-    G, grads = cfg.rl.group_size, {"clip": [], "frame": []} if cfg.rl.groups == "clip" else {"clip": []}
+    G, grads = cfg.rl.group_size, {"clip": [], "frame": []}
     within, between, rewards, judged = [], [], [], []
     for b in tqdm(seeds, desc=f"gradient noise, batches of {cfg.rl.prompts * G}"):
         batch = next(data.batches(prompts, cfg.rl.prompts, cfg.run.seed + b, 0, 0, 1, model.action_offset,
                                    cfg.data.camera_tokens))
         batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in batch.items()}
         gens = train.group_generators(cfg.run.seed + 100 * b, 0, cfg.rl.prompts, 0, 1, device)
-        t = train.branch_frame(cfg, b)
-        exp = train.collect(api, model, None, batch, reward, cfg, gens, 0, 1, t)
-        groups = exp.rewards.mean(1).view(-1, G)                            # [P, G] clip rewards
+        ro, r = train.collect(api, model, None, batch, reward, cfg, gens, 1)   # rollout, Eq. 3
+        groups = r.mean(1).view(-1, G)                                      # [P, G] clip rewards
         rewards.append(groups)
-        judged.append(judge_scores(judge, exp.ro.frames, batch["groups"], t).view(-1, G))   # [P, G]
+        judged.append(judge_scores(judge, ro.frames, batch["groups"]).view(-1, G))   # [P, G]
         within.append(float(groups.std(1).mean()))
         between.append(float(groups.mean(1).std()) if len(groups) > 1 else float("nan"))
         model.train()
         for credit in grads:
             as_credit = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, credit=credit))
-            adv, _ = train.advantages(exp.rewards, exp.ro, as_credit, 0, 1)  # Eq. 1
+            adv, _ = train.advantages(r, ro, as_credit, 0, 1)                # Eq. 1
             model.zero_grad(set_to_none=True)
-            train.backward(model, api, dataclasses.replace(exp, adv=adv), as_credit)   # Eq. 2
+            train.backward(model, api, ro, adv, as_credit)                  # Eq. 2
             grads[credit].append(torch.cat([p.grad.flatten() for p in params]))
     res, n = {}, cfg.rl.prompts * G
     for credit, gs in grads.items():

@@ -124,16 +124,17 @@ def parse(cls, argv: list[str] | None = None):
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{arg}: expected sections (a mapping), got {type(loaded).__name__}")
             flags, tree = tree, loaded
-            for k, v in _flatten(flags):                        # flags given before the file win too
+            for k, v in flatten(flags):                        # flags given before the file win too
                 _set(tree, k, v)
             name = path.stem
     return build(cls, tree), name
 
 
-def _flatten(tree: dict, prefix: str = ""):
+def flatten(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a nested dict: {"rl": {"lr": 1}} -> ("rl.lr", 1)."""
     for k, v in tree.items():
         if isinstance(v, dict):
-            yield from _flatten(v, prefix + k + ".")
+            yield from flatten(v, prefix + k + ".")
         else:
             yield prefix + k, v
 
@@ -188,13 +189,6 @@ class RLConfig:
     # "clip": one advantage per rollout from the clip's mean reward (Eq. 1-3); "frame": frame t's entries get
     # the group advantages of every reward its pixels decide, A_t + A_{t+1} (grpo.frame_credit)
     credit: Literal["clip", "frame"] = "clip"
-    # "clip": G rollouts of the whole clip per prompt (the paper); "frame": each step draws one frame t, and the G
-    # samples of a prompt share its ground-truth prefix and differ in frame t alone, rewarded by Eq. 3's terms at t
-    # and t+1 (the rewards frame t's pixels decide; credit is then moot) (train.branch_frame)
-    groups: Literal["clip", "frame"] = "clip"
-    # "grpo": Eq. 1-2, the paper; "best_of": supervised steps on each group's highest-reward rollout (advantage 1
-    # for it, 0 for the rest: rejection-sampling fine-tuning, which never pushes a sample down; grpo.best_of_advantages)
-    objective: Literal["grpo", "best_of"] = "grpo"
     # "argmax": a group counts when the IDM's deterministic reading matches (Eq. 3); "soft": it scores the IDM's
     # probability of the given label, a reward that moves with the reading's confidence (idm.true_label_probs)
     reading: Literal["argmax", "soft"] = "argmax"

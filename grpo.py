@@ -1,5 +1,5 @@
 """GRPO as pure functions: group-normalised advantages (paper Eq. 1) and the masked clipped
-surrogate with an optional k3 KL to a reference policy (paper Eq. 2), plus health statistics.
+surrogate with an optional KL to a reference policy (paper Eq. 2), plus health statistics.
 
 No I/O, no model, no global state: tensors in, tensors and plain-float stats out. One loss serves
 both world models (DESIGN.md "Data flow"):
@@ -18,7 +18,7 @@ import torch
 class GRPOConfig:
     eps: float = 0.2  # lower clip ε of Eq. 2: ratio clipped at 1 − eps (paper Tables 6/7 "Clip Ratio" 0.2)
     eps_high: float | None = None  # upper clip: ratio clipped at 1 + eps_high; None = eps (DAPO clip-higher: 0.28)
-    beta: float = 0.0  # weight of the k3 KL to the reference policy; 0 = no reference model (paper Table 8 tries 1e-4)
+    beta: float = 0.0  # weight of the KL to π_ref (AR: k3); 0 = no reference model (paper Table 8 tries 1e-4)
     adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL and Flow-GRPO (ref §4.1)
     # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
     scale: Literal["group", "batch", "none"] = "group"
@@ -89,17 +89,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     return adv, stats
 
 
-def best_of_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Advantage 1 for each group's highest reward, 0 for the rest (train.py's rl.objective "best_of"): with the
-    on-policy ratio of 1, Eq. 2's gradient is then the log-likelihood gradient of the reward's pick of G, i.e.
-    supervised steps on the best-of-G samples (rejection-sampling fine-tuning, RAFT), which only ever pulls the
-    policy towards its own samples. A group whose rewards are all equal picks none. rewards [N] -> [N]."""
-    r = rewards.detach().float().view(-1, group_size)  # [n_groups, G]
-    best = torch.nn.functional.one_hot(r.argmax(1), group_size).float()  # [n_groups, G]  first maximum
-    best = torch.where((r.amax(1) > r.amin(1))[:, None], best, 0.0)  # [n_groups, G]  no pick in a flat group
-    return best.reshape(rewards.shape)  # [N]
-
-
 def frame_credit(adv: torch.Tensor, frame_of: torch.Tensor) -> torch.Tensor:
     """Per-frame advantages [N, T] (frames 1..T) -> one per log-prob entry [N, L] (train.py's rl.credit
     "frame"): the entries of frame t earn every reward its pixels decide, A_t + A_{t+1}. The IDM reads frame
@@ -112,19 +101,12 @@ def frame_credit(adv: torch.Tensor, frame_of: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Eq. 2: masked clipped surrogate + β·k3 KL
+# Eq. 2: masked clipped surrogate + β·KL to the reference
 
 
 def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Mean of x over entries where m = 1; 0 when the mask is empty (no NaN)."""
     return (x * m).sum() / m.sum().clamp(min=1.0)
-
-
-def k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL[π_θ‖π_ref] per entry [N, L]: e^δ − δ − 1 with δ = log π_ref − log π_θ (ref §4.1),
-    ≥ 0, 0 where mask is 0; differentiable in logp. What the AR world model's per-token KL is."""
-    delta = torch.where(mask > 0, ref_logp.detach().float() - logp.float(), 0.0)  # [N, L]
-    return torch.exp(delta) - delta - 1.0  # [N, L]
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

@@ -428,41 +428,55 @@ def idm_loss(out: dict, buttons: torch.Tensor, camera_bins: torch.Tensor, mask: 
 # ----------------------------------------------------------------------------------------------------
 # The inverse reward (Eq. 3).
 
-def inverse_reward(pred_groups: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
-                   per_frame: bool = False, label_weights: torch.Tensor | None = None,
-                   probs: torch.Tensor | None = None):
-    """Eq. 3: R = 1/n sum_{t=1..n} 1[â_t == a_t], per clip. Inputs are the 9 evaluation groups per frame
-    (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop, pitch bin, yaw bin)
-    of the IDM prediction and of the given actions, [B, T, 9] over frames 0..T-1. Frame 0 is the context
-    frame and is not scored. granularity "exact": a frame counts only if all 9 groups match (the paper);
-    "group": the fraction of matching groups per frame (a denser variant); "balanced": the 7 judged groups,
-    each match weighted by label_weights[group, true label] ([7, 11], data.label_weights: the inverse frequency
-    of that label), a per-frame surrogate of the macro F1 the evaluation reports. Returns float [B], or the
-    per-frame terms of the sum, [B, T-1], with per_frame (their mean over frames is R). With probs, the IDM's
-    probabilities of the given labels ([B, T, 9], true_label_probs) stand for the matches of its argmax
-    (rl.reading "soft"): a group scores how likely the IDM reads it right, and "exact" the product over the 9."""
-    if pred_groups.shape != true_groups.shape or pred_groups.ndim != 3 or pred_groups.shape[1] < 2:
-        raise ValueError(f"inverse_reward: need pred and true groups of the same shape [B, T>=2, 9]; got "
-                         f"{tuple(pred_groups.shape)} and {tuple(true_groups.shape)}")
-    # The IDM ran on all T frames (context + generated, §5.1: inference length 16); its frame-t output is
-    # compared with a_t, the action that produced frame t (MineWorld's eval pairs them the same way).
-    match = pred_groups[:, 1:] == true_groups[:, 1:]  # [B, T-1, 9]; frame t vs a_t, t = 1..T-1
-    if probs is not None:
-        match = probs[:, 1:].float()  # [B, T-1, 9]  the soft reading
+def frame_scores(match: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
+                 label_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The terms of Eq. 3's sum, one per generated frame: match [B, T-1, 9] says for frames 1..T-1 how each of
+    the 9 evaluation groups (`data.action_groups`: fwd/back, left/right, sprint/sneak, use, attack, jump, drop,
+    pitch bin, yaw bin) was read: 1/0 for a match of the IDM's argmax, or the IDM's probability of the given
+    label (a soft reading, true_label_probs). granularity "exact": all 9 groups at once, 1[â_t == a_t] (the
+    paper; the product of the 9 probabilities when soft); "group": the mean over the 9 (denser); "balanced": the
+    7 judged groups, each weighted by label_weights[group, true label] ([7, 11], data.label_weights: the
+    inverse frequency of that label), a per-frame surrogate of the macro F1 the evaluation reports.
+    true_groups [B, T, 9] are the given actions' groups over frames 0..T-1. -> float [B, T-1]."""
+    if match.ndim != 3 or match.shape[-1] != 9 or true_groups.shape[1] != match.shape[1] + 1:
+        raise ValueError(f"frame_scores: need match [B, T-1, 9] and true groups [B, T, 9]; got "
+                         f"{tuple(match.shape)} and {tuple(true_groups.shape)}")
+    match = match.float()                                      # [B, T-1, 9]
     if granularity == "exact":
-        scores = match.all(dim=-1).float() if probs is None else match.prod(dim=-1)  # [B, T-1]
-    elif granularity == "group":
-        scores = match.float().mean(dim=-1)  # [B, T-1]
-    elif granularity == "balanced":
-        if label_weights is None:
-            raise ValueError("inverse_reward: granularity 'balanced' needs label_weights (data.label_weights)")
-        true = true_groups[:, 1:, :7]  # [B, T-1, 7]
-        w = label_weights.to(true.device)[torch.arange(7, device=true.device), true]  # [B, T-1, 7]
-        scores = (match[..., :7] * w).sum(-1) / w.sum(-1)  # [B, T-1]
-    else:
-        raise ValueError(f"inverse_reward: granularity must be 'exact' (Eq. 3), 'group' or 'balanced'; "
+        return match.prod(dim=-1)                              # [B, T-1]
+    if granularity == "group":
+        return match.mean(dim=-1)                              # [B, T-1]
+    if granularity != "balanced":
+        raise ValueError(f"frame_scores: granularity must be 'exact' (Eq. 3), 'group' or 'balanced'; "
                          f"got {granularity!r}")
-    return scores if per_frame else scores.mean(dim=-1)  # [B, T-1] or [B]
+    if label_weights is None:
+        raise ValueError("frame_scores: granularity 'balanced' needs label_weights (data.label_weights)")
+    true = true_groups[:, 1:, :7].to(match.device)             # [B, T-1, 7]
+    w = label_weights.to(match.device)[torch.arange(7, device=match.device), true]   # [B, T-1, 7]
+    return (match[..., :7] * w).sum(-1) / w.sum(-1)            # [B, T-1]
+
+
+@torch.no_grad()
+def inverse_reward(idms: list, frames: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
+                   reading: str = "argmax", label_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 3, the inverse reward: R = 1/n sum_{t=1..n} 1[â_t == a_t], returned as its per-frame terms [B, T-1]
+    (their mean over frames is R; train.py's rl.credit "frame" uses them one by one). Each reward IDM reads the
+    actions back from all T frames of frames uint8 [B, T, H, W, 3] (the context frame included, §5.1: inference
+    length 16); its frame-t reading is compared with a_t, the action that produced frame t, as MineWorld's
+    evaluation pairs them. reading "argmax" counts a group when the IDM's deterministic reading matches (the
+    paper); "soft" scores the IDM's probability of the given label, which moves with the reading's confidence.
+    Several IDMs (an ensemble) average their terms. See frame_scores for granularity and label_weights."""
+    if reading not in ("argmax", "soft"):
+        raise ValueError(f"inverse_reward: reading must be 'argmax' or 'soft', got {reading!r}")
+    terms = []
+    for net in idms:
+        out, true = net(frames), true_groups.to(frames.device)    # true [B, T, 9]
+        if reading == "soft":
+            match = true_label_probs(out, true)[:, 1:]           # [B, T-1, 9]  P(given label)
+        else:
+            match = data.action_groups(*decode(out))[:, 1:] == true[:, 1:]   # [B, T-1, 9]  argmax matches
+        terms.append(frame_scores(match, true, granularity, label_weights))  # [B, T-1]
+    return torch.stack(terms).mean(0)                          # [B, T-1]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-import grpo
 from runtime import ConfigError, UsageError, read_checkpoint
 
 ACTION_VOCAB = 68  # action ids n_codes .. n_codes+67: 65 keys/camera bins, <act_bos>, <null_act>, <act_eos> (§1.5)
@@ -600,35 +599,10 @@ def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, cf
     return generate(model, x0, action_tokens, cfg.ar.temperature, cfg.ar.top_p, generator)
 
 
-@torch.no_grad()
-def branch(model: WorldModel, frames: torch.Tensor, action_tokens: torch.Tensor, t: int, cfg,
-           generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
-    """Frame-level GRPO groups (rl.groups "frame"): sample only frame t of each clip, given the ground-truth
-    prefix (frames uint8 [B, F, H, W, 3] through the tokenizer, actions a_1..a_t). Every other frame keeps its
-    ground-truth tokens, so the G rows of a group differ in frame t alone and the mask covers only its tokens.
-    One prefill of the prefix, then N decode steps from the KV cache, at the training temperature and nucleus."""
-    m, n = model.cfg, model.cfg.image_tokens
-    b, device = frames.shape[0], model.transformer.lm_head.weight.device
-    check_actions(m, action_tokens, b)
-    ids = model.tokenizer.encode(frames.flatten(0, 1).to(device)).view(b, m.frames, n)  # [B, F, N]
-    tokens = build_sequence(ids, action_tokens.to(device))  # [B, L]: ground truth everywhere
-    start = t * m.frame_len  # frame t's first image token
-    logp = torch.zeros(b, m.seq_len, device=device)  # [B, L]
-    cache = new_cache(model.transformer, b, start + n)
-    logits = model.transformer(tokens[:, :start], 0, cache)[:, -1]  # [B, V]: prefill img_0 .. act(a_t)
-    for j in range(start, start + n):
-        tokens[:, j], logp[:, j] = sample_image_token(logits, m.n_codes, cfg.ar.temperature, cfg.ar.top_p, generator)
-        if j < start + n - 1:
-            logits = model.transformer(tokens[:, j:j + 1], j, cache)[:, -1]  # [B, V]
-    mask = torch.zeros(b, m.seq_len, device=device)  # [B, L]
-    mask[:, start:start + n] = 1
-    return finish_rollout(model, tokens, logp, mask, cfg.ar.temperature)
-
-
 def log_probs(model: nn.Module, rollout: Rollout, cfg=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differentiable log π_θ(token | prefix) [B, L] from one full forward over the rollout's sequence, under
     the rollout's softmax (temperature-scaled, full image vocabulary), 0 where mask is 0; and, if rollout.ref
-    holds π_ref's log-probs, the k3 estimate of KL[π_θ‖π_ref] per token (grpo.k3, Eq. 2). `model` may be
+    holds π_ref's log-probs, the k3 estimate of KL[π_θ‖π_ref] per token (k3, Eq. 2). `model` may be
     DDP-wrapped. On the first on-policy pass the log-probs equal rollout.logp (KV cache vs. recompute)."""
     raw = getattr(model, "module", model).cfg
     end = int(rollout.mask.any(0).nonzero().max()) + 1  # causal: nothing after the last trained token matters
@@ -637,7 +611,15 @@ def log_probs(model: nn.Module, rollout: Rollout, cfg=None) -> tuple[torch.Tenso
     lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, :end][:, gen], raw.n_codes, rollout.temperature)
     out = logits.new_zeros(rollout.tokens.shape, dtype=torch.float32)  # [B, L]
     out[:, gen.nonzero().squeeze(1)] = lp  # [B, G]
-    return out, None if rollout.ref is None else grpo.k3(out, rollout.ref, rollout.mask)
+    return out, None if rollout.ref is None else k3(out, rollout.ref, rollout.mask)
+
+
+def k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The AR world model's per-token KL[π_θ‖π_ref] for Eq. 2's β term, by the k3 estimator (Schulman 2020):
+    e^δ − δ − 1 with δ = log π_ref − log π_θ per entry [N, L]; ≥ 0, 0 where mask is 0, differentiable in logp.
+    (The diffusion model's KL is the closed-form Gaussian one, sde_sampler.kl_to_ref.)"""
+    delta = torch.where(mask > 0, ref_logp.detach().float() - logp.float(), 0.0)  # [N, L]
+    return torch.exp(delta) - delta - 1.0  # [N, L]
 
 
 @torch.no_grad()

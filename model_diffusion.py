@@ -493,31 +493,6 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
                    frame_of=torch.arange((n_f - 1) * s.steps, device=dev) // s.steps + 1)
 
 
-@torch.no_grad()
-def branch(model: NFD, frames: torch.Tensor, action_tokens: torch.Tensor, t: int, cfg,
-           generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
-    """Frame-level GRPO groups (rl.groups "frame"): sample only frame t of each clip by sample_sde, given the
-    ground-truth prefix (frames uint8 [B, F, H, W, 3] encoded, actions a_1..a_t). The rollout spans frames
-    0..t: frames 1..t−1 are the ground truth with an unused (zero) trajectory and mask 0, so the G rows of a group
-    differ in frame t alone. `frames` of the result is the whole clip through the tokenizer, frame t sampled."""
-    s, (B, n_f), dev = cfg.sde, action_tokens.shape[:2], frames.device
-    _check_clip(model, n_f)
-    latents = model.ae.encode(frames.flatten(0, 1)).float().view(B, n_f, model.n_tok, -1)  # [B, F, N, C]
-    ts, g, z1, sel = sde_draws(cfg, B, latents.shape[2:], generator, dev)  # z1 [B, N, C]
-    act = actions_multi_hot(action_tokens)  # [B, F, A]
-    ctx = context_kv(model, latents[:, :t], torch.zeros(B, t, device=dev), act[:, :t])  # frames 0..t-1, clean
-    v_fn = lambda x, time: cached_velocity(model, ctx, x, time, act[:, t], t)  # noqa: E731
-    x, path, _, _, lps = sde.sample_sde(v_fn, z1, ts, g, generator, s.logprob_reduce)  # [B, N, C], [K+1, B, N, C]
-    latents[:, t] = x
-    traj = latents.new_zeros(B, t, s.steps + 1, *latents.shape[2:])  # [B, t, K+1, N, C]
-    traj[:, t - 1] = rearrange(path, "k b n c -> b k n c")
-    logp, mask = latents.new_zeros(B, t, s.steps), latents.new_zeros(B, t, s.steps)  # [B, t, K]
-    logp[:, t - 1], mask[:, t - 1] = lps, sel.float()
-    return Rollout(frames=decode_clip(model, latents), logp=logp.view(B, -1), mask=mask.view(B, -1),
-                   latents=latents[:, :t + 1], traj=traj, ts=ts, g=g, actions=action_tokens[:, :t + 1].long(),
-                   frame_of=torch.arange(t * s.steps, device=dev) // s.steps + 1)
-
-
 def transition_means(model: NFD, ro: Rollout):
     """μ_θ of the stored transitions, step index by step index: yields (k, rows idx [b] that train step k in
     some frame, μ [b, F−1, N, C], std s_k). The clean context (ro.latents 0..F−2, t = 0) runs once,

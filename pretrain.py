@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import config
@@ -90,20 +89,6 @@ def with_label_noise(batches, cfg: Config):
         yield {**batch, "tokens": noisy_labels(batch["tokens"], cfg.pretrain.label_noise, gen)}
 
 
-def average_gradients(params: list, world: int) -> None:
-    """Data parallelism by hand (DDP's all-reduce without its hooks, so any loss function works):
-    one flat all-reduce of every gradient, divided by the number of ranks."""
-    for p in params:                                          # a parameter this loss did not use
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])            # [n_params]
-    dist.all_reduce(flat)
-    flat /= world
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
 def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save, device: torch.device) -> None:
     """The loop every stage shares: AdamW on the trainable parameters of `module` with warmup + cosine,
     gradient clipping, a JSONL log next to the checkpoint, a held-out evaluation every `eval_every` steps.
@@ -117,12 +102,9 @@ def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
     start = 0
-    if resume.exists():
-        state = runtime.read_checkpoint(str(resume), "the stage's resume file")
-        module.load_state_dict(state["module"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        torch.set_rng_state(state["rng"])
+    if resume.exists():                                       # the same format as train.py's ckpt.pt
+        start = runtime.load_checkpoint(runtime.read_checkpoint(str(resume), "the stage's resume file"),
+                                        str(resume), module, opt, None)
     print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}, {world} rank(s), "
           f"steps {start + 1}..{pc.steps}; checkpoint, log and resolved config at {out.with_suffix('')}.*")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
@@ -140,8 +122,7 @@ def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save
             loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            average_gradients(params, world)
+        runtime.average_gradients(params)                     # a no-op on one process
         torch.nn.utils.clip_grad_norm_(params, pc.grad_clip)
         opt.step()
         if rank > 0:
@@ -150,8 +131,7 @@ def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save
                "seconds": round(time.time() - t0, 1)}
         if (step + 1) % pc.eval_every == 0 or step + 1 == pc.steps:
             row.update(evaluate())
-            runtime.save_atomic({"module": module.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
-                                 "rng": torch.get_rng_state()}, resume)
+            runtime.save_checkpoint(resume, module, opt, None, step + 1, config.to_dict(cfg))
             bar.write(json.dumps(row))
         bar.set_postfix(loss=row["loss"])
         log.write(json.dumps(row) + "\n")

@@ -8,10 +8,12 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -114,3 +116,70 @@ def trim_log(path: Path, step: int) -> None:
             if json.loads(line)["step"] <= step:
                 rows.append(line + "\n")
     path.write_text("".join(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism and checkpoints, shared by train.py and pretrain.py.
+# ---------------------------------------------------------------------------------------------
+def average_gradients(params: list) -> None:
+    """Data parallelism by hand (DDP's all-reduce without its hooks, so the world model's calls see the plain
+    module and any loss works): one flat all-reduce of every gradient, divided by the number of ranks. A
+    parameter the loss did not use gets a zero gradient, so every rank reduces tensors of the same size."""
+    world = rank_world()[1]
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])            # [n_params]
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors and plain types (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": [pos, has_gauss, gauss],
+            "python": list(words), "python_gauss": py_gauss}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
+    random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
+
+
+def save_checkpoint(path: str | Path, model, opt, sched, step: int, cfg: dict) -> None:
+    """Everything a resume needs, as a plain dict written atomically: weights, optimizer, scheduler (None when
+    the caller sets the lr itself), step, the resolved config (config.to_dict) and every RNG state. The data
+    position is `step`: the batches and the rollout noise are pure functions of (seed, step)."""
+    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict() if sched is not None else {}, "step": step, "config": cfg,
+                 "rng": rng_state()}, path)
+
+
+def check_checkpoint(state, path: str) -> None:
+    """A save_checkpoint dict, or one line naming what it lacks."""
+    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng", "config") if k not in state]
+    if missing:
+        raise UsageError(f"{path} lacks {missing}: not a checkpoint of this program; delete it or point to another")
+
+
+def load_checkpoint(state: dict, path: str, model, opt, sched) -> int:
+    """Restore a save_checkpoint dict (read with read_checkpoint) into model (strictly: load_strict), optimizer,
+    scheduler and the RNGs; -> the step it was saved at."""
+    check_checkpoint(state, path)
+    load_strict(model, state["model"], path, "delete it or rerun with the config it was saved with")
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]

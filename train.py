@@ -1,32 +1,34 @@
 """RLIR: GRPO post-training of a video world model with the inverse reward (paper §4, Eq. 1-3).
 
-One iteration (DESIGN.md): take P prompts (a context frame x0 and actions a1..a15), roll each out G
-times with the world model, let the reward IDM read the actions back from every generated clip
-(Eq. 3), turn rewards into group-relative advantages (Eq. 1), recompute log-probs under the current
-weights with the action tokens masked (§4.2), and step AdamW on the clipped surrogate (Eq. 2).
+One iteration: take P prompts (a context frame x0 and actions a1..a15), roll each out G times with the world
+model, let the reward IDM read the actions back from every generated clip (Eq. 3), turn rewards into
+group-relative advantages (Eq. 1), recompute log-probs under the current weights with the action tokens masked
+(§4.2), and step AdamW on the clipped surrogate (Eq. 2).
 
     python train.py                                              # embedded world, NFD, CPU (laptop_nfd.yaml)
     make train                                                   # the same, creating .venv first if needed
     python train.py configs/laptop_ar.yaml                       # embedded world, AR, CPU
     python train.py configs/laptop_ar.yaml --rl.reward=pixel     # the RLVR-World baseline (Eq. 6)
     python train.py configs/mineworld_700m.yaml --data.source=DIR --rl.vpt_idm=4x_idm.model,4x_idm.weights
-    torchrun --standalone --nproc_per_node=8 train.py configs/mineworld_700m.yaml ...   # 1 node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py configs/nfd_310m.yaml ...   # 1 node, 8 GPUs (or CPU ranks)
 
-The run folder (`out/<config name>/` unless --run.out) gets config.yaml, log.jsonl (one line per
-step), ckpt.pt (atomic; a rerun resumes from it), results.json (rows gt, recon, before, [best_of,] after,
-and gap: the share of the before-to-recon gap closed) and side_by_side.mp4 (eval.videos held-out clips,
-rows GT | before | after).
+The run folder (`out/<config name>/` unless --run.out) gets config.yaml, log.jsonl (one line per step),
+ckpt.pt (atomic; a rerun of the same command resumes from it), results.json (rows gt, recon, before,
+[best_of,] after, and gap: the share of the before-to-recon gap closed) and side_by_side.mp4 (eval.videos
+held-out clips, rows GT | before | after).
 
-Robustness (DESIGN.md "Conventions"): the same code runs on 1 CPU process or N torchrun ranks, with a
-fixed global batch (rl.prompts × rl.group_size) and noise that depends on (seed, step, prompt) only, so
-N ranks train what 1 process would; a SIGKILL at any moment leaves the last checkpoint loadable,
-SIGTERM saves one and exits 0; a non-finite step changes nothing and is logged with its reason.
+The folder is a record that cannot be corrupted (docs/conventions.md §5): nothing is written to it before the
+config is checked and the checkpoint loaded; one run at a time holds it; a resume continues the log without
+duplicate steps and refuses a config that changes what the checkpoint means; SIGTERM and Ctrl-C save and exit
+0; a SIGKILL at any moment leaves the last checkpoint loadable; a non-finite step changes nothing and is logged.
+N torchrun ranks train what 1 process trains: the global batch is fixed and the noise of each group is a
+function of (seed, step, prompt) only.
 """
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
-import random
 import signal
 import time
 from pathlib import Path
@@ -43,19 +45,17 @@ import grpo
 import idm as idm_lib
 import model_ar
 import model_diffusion
+import pixel_reward
 import runtime
 from config import Config, UsageError
 
-# ---------------------------------------------------------------------------------------------
-# The world model: model_ar.py or model_diffusion.py, behind the same calls (DESIGN.md):
-#   build(cfg), rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg)
-#   -> (log-probs [B, L], KL to π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...),
-#   branch(model, frames, tokens, t, cfg, generators) -> a Rollout sampling frame t alone (rl.groups "frame"),
-#   roundtrip(model, frames); a Rollout carries frames, logp, mask and frame_of (the frame of each
-#   entry), and model.action_offset is where its action token ids start.
-# ---------------------------------------------------------------------------------------------
 
-
+# ---------------------------------------------------------------------------------------------
+# The world model: model_ar.py or model_diffusion.py behind the same calls: build(cfg),
+# rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg) -> (log-probs [B, L], KL to
+# π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...), roundtrip(model, frames). A Rollout carries
+# frames, logp, mask and frame_of (the frame of each entry); model.action_offset is where action ids start.
+# ---------------------------------------------------------------------------------------------
 def world_model(cfg: Config):
     """(the world model's module, the model built from cfg): the one place the paradigm is chosen."""
     api = {"ar": model_ar, "nfd": model_diffusion}[cfg.run.world_model]
@@ -73,14 +73,16 @@ def slice_rollout(ro, i: int, j: int):
 @torch.no_grad()
 def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
     """fn(model, rows, cfg) over the rollout without gradient, rl.micro_batch rows per forward: π_ref's side of
-    the KL (api.reference), or log π_θ of the stored samples (api.log_probs; the update's own forward)."""
+    the KL (api.reference), or log π_θ of the stored samples (api.log_probs)."""
     mb = cfg.rl.micro_batch
     parts = [fn(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)]
     return torch.cat([p[0] if isinstance(p, tuple) else p for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
-# Rewards: the inverse reward (Eq. 3) or RLVR-World's pixel reward (Eq. 6).
+# The reward seam: reward(frames uint8 [B, 16, H, W, 3], batch) -> one reward per generated frame [B, 15]
+# (a clip's reward is their mean). The inverse reward (Eq. 3, idm.inverse_reward) or, as the baseline,
+# RLVR-World's pixel reward (Eq. 6, pixel_reward.py).
 # ---------------------------------------------------------------------------------------------
 def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
     """The reward IDM: OpenAI's (rl.vpt_idm) or an idm.save file; rl.reward_idm may list several files,
@@ -92,42 +94,22 @@ def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
 
 
 def reward_fn(cfg: Config, device, clips: list):
-    """reward(frames uint8 [B, 16, H, W, 3], batch) -> the reward of every generated frame [B, 15]; a clip's
-    reward is their mean. batch holds the given actions' groups and the ground-truth frames (only the pixel
-    reward looks at those); `clips` are the prompts, whose label frequencies rl.granularity "balanced" weighs by."""
-    if cfg.rl.reward == "idm":
-        reward_idms = load_reward_idms(cfg, device)
-        label_weights = data.label_weights(clips) if cfg.rl.granularity == "balanced" else None
-
-        @torch.no_grad()
-        def inverse(frames, batch):
-            terms = []
-            for net in reward_idms:
-                out, true = net(frames), batch["groups"]
-                pred = data.action_groups(*idm_lib.decode(out))    # [B, 16, 9]
-                probs = idm_lib.true_label_probs(out, true) if cfg.rl.reading == "soft" else None  # [B, 16, 9]
-                terms.append(idm_lib.inverse_reward(pred, true.to(pred.device), cfg.rl.granularity, True,
-                                                    label_weights, probs))  # [B, 15], Eq. 3's terms
-            return torch.stack(terms).mean(0)                      # [B, 15], the ensemble's mean
-        return inverse
-    lpips_fn = evaluate.load_lpips(cfg.eval.lpips_backbone)[0]
-
-    @torch.no_grad()
-    def pixel(frames, batch):                                      # Eq. 6, per frame
-        x = frames[:, 1:].float() / 255                            # [B, 15, H, W, 3]
-        y = batch["frames"][:, 1:].to(x.device).float() / 255
-        loss = (x - y).abs().mean((2, 3, 4))                       # [B, 15] L1
-        if lpips_fn is not None:
-            lp = evaluate.lpips_distance(lpips_fn.to(x.device), x.flatten(0, 1), y.flatten(0, 1))
-            loss = loss + lp.view(loss.shape)                      # + LPIPS where a backbone is given
-        return -loss
-    return pixel
+    """The run's reward function; `clips` are the prompts, whose label frequencies rl.granularity "balanced"
+    weighs by (data.label_weights)."""
+    if cfg.rl.reward == "pixel":
+        lpips_fn = pixel_reward.load_lpips(cfg.eval.lpips_backbone)[0]
+        return lambda frames, batch: pixel_reward.pixel_reward(frames, batch["frames"], lpips_fn)
+    idms = load_reward_idms(cfg, device)
+    weights = data.label_weights(clips) if cfg.rl.granularity == "balanced" else None
+    return lambda frames, batch: idm_lib.inverse_reward(idms, frames, batch["groups"], cfg.rl.granularity,
+                                                        cfg.rl.reading, weights)
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed: each GRPO group lives on one rank. Rank r holds prompts r, r + world, ... of the
-# global batch (data.batches), all G rollouts of each, so Eq. 1 needs no communication; rewards
-# are still gathered so that every rank logs, checks and normalises over the whole global batch.
+# Distributed: each GRPO group lives on one rank. Rank r holds prompts r, r + world, ... of the global batch
+# (data.batches), all G rollouts of each, so Eq. 1 needs no communication; rewards are still gathered so that
+# every rank logs, checks and normalises over the whole global batch. Gradients are averaged by hand
+# (runtime.average_gradients), so the world model's calls always see the plain module.
 # ---------------------------------------------------------------------------------------------
 def group_generators(seed: int, step: int, prompts: int, rank: int, world: int, device) -> list:
     """One generator per group on this rank, seeded by (run seed, step, global prompt index): every
@@ -138,13 +120,12 @@ def group_generators(seed: int, step: int, prompts: int, rank: int, world: int, 
 
 
 def gather_rewards(r: torch.Tensor, world: int, group_size: int) -> torch.Tensor:
-    """This rank's rewards [P/world * G, *] -> the global batch's [P * G, *], in prompt order 0..P-1."""
+    """This rank's rewards [P/world * G, 15] -> the global batch's [P * G, 15], in prompt order 0..P-1."""
     if world == 1:
         return r
     parts = [torch.empty_like(r) for _ in range(world)]
     dist.all_gather(parts, r)
-    rest = r.shape[1:]                                         # () per clip, (15,) per frame
-    return torch.stack(parts).view(world, -1, group_size, *rest).transpose(0, 1).reshape(-1, *rest)
+    return torch.stack(parts).view(world, -1, group_size, r.shape[1]).transpose(0, 1).reshape(-1, r.shape[1])
 
 
 def local_rows(x: torch.Tensor, rank: int, world: int, group_size: int) -> torch.Tensor:
@@ -155,7 +136,7 @@ def local_rows(x: torch.Tensor, rank: int, world: int, group_size: int) -> torch
 
 def across_ranks(values: list[float], op: str, device) -> list[float]:
     """Element-wise "min", "max" or "sum" of `values` over ranks, so every rank takes the same
-    decision (a rank that skipped a backward alone would hang DDP's all-reduce)."""
+    decision (a rank that skipped a backward alone would hang the gradient all-reduce)."""
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)    # [len(values)]
@@ -171,7 +152,7 @@ def first_nonfinite(named: dict, device) -> str | None:
 
 
 def fingerprint(model) -> str:
-    """sha256 of the weights' bytes: equal on every rank iff DDP kept the replicas identical."""
+    """sha256 of the weights' bytes: equal on every rank iff the replicas stayed identical."""
     h = hashlib.sha256()
     for key, v in sorted(model.state_dict().items()):
         h.update(key.encode())
@@ -180,148 +161,64 @@ def fingerprint(model) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts, written atomically, holding everything needed to resume exactly.
+# One GRPO iteration (§4): rollout and inverse reward, group advantages (Eq. 1), clipped policy loss (Eq. 2).
 # ---------------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    """Every RNG state as tensors and plain types (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, words, py_gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": [pos, has_gauss, gauss],
-            "python": list(words), "python_gauss": py_gauss}
+def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, world: int):
+    """Roll out G clips per prompt (batch rows are groups of G) and score every generated frame (Eq. 3 or 6);
+    if β > 0, replay the rollouts under the frozen reference π_ref. -> (Rollout, rewards of the global batch
+    [P * G, 15])."""
+    model.eval()
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
+    r = gather_rewards(reward(ro.frames, batch).float(), world, cfg.rl.group_size)     # [P * G, 15]
+    if ref is not None:
+        ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
+    return ro, r
 
 
-def save_checkpoint(path: Path, model, opt, sched, step: int, cfg: Config) -> None:
-    """The data position is `step`: data.batches and the rollout noise are pure functions of
-    (seed, step), so model, optimizer, scheduler, step and RNG states are all a resume needs."""
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "step": step, "config": config.to_dict(cfg),
-             "rng": rng_state()}
-    runtime.save_atomic(state, path)
-
-
-def load_checkpoint(path: Path, model, opt, sched) -> int:
-    fix = f"rerun with the config it was saved with ({path.parent / 'config.yaml'}) or a new --run.out"
-    state = runtime.read_checkpoint(str(path), "the run's ckpt.pt")   # torn, foreign or malicious: one line
-    missing = [k for k in ("model", "optimizer", "scheduler", "step", "rng") if k not in state]
-    if missing:
-        raise UsageError(f"{path} lacks {missing}: not a train.py checkpoint; delete it or {fix}")
-    own = model.state_dict()
-    absent = sorted(set(own) - set(state["model"]))
-    extra = sorted(set(state["model"]) - set(own))
-    shapes = [f"{k} {list(v.shape)} != {list(own[k].shape)}" for k, v in state["model"].items()
-              if k in own and v.shape != own[k].shape]
-    if absent or extra or shapes:
-        raise UsageError(f"{path} does not fit this model: missing keys {absent}, unexpected keys {extra}, "
-                 f"mis-shaped {shapes}; {fix}")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), *rng["numpy_pos"]))
-    random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
-    return state["step"]
-
-
-# ---------------------------------------------------------------------------------------------
-# One GRPO iteration in two stages (§4): collect experience, then update the policy on it.
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Experience:
-    ro: object                   # the world model's Rollout; ro.ref holds π_ref's replay when β > 0
-    rewards: torch.Tensor        # [P * G, 15] per-frame rewards of the global batch (Eq. 3 or 6); frame groups: t, t+1
-    adv: torch.Tensor | None     # [P/world * G] per clip or [P/world * G, L] per entry; None if a reward is not finite
-    stats: dict                  # group statistics of Eq. 1 (reward mean/std, zero-std groups, ...)
-
-
-def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, dict]:
-    """Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows: one advantage per
-    clip from its mean reward (rl.credit "clip", the paper), or per log-prob entry (rl.credit "frame"); under
-    rl.objective "best_of", 1 for the best clip of each group and 0 for the others."""
-    G, best_of = cfg.rl.group_size, cfg.rl.objective == "best_of"
-    per_frame = cfg.rl.credit == "frame" and cfg.rl.groups == "clip" and not best_of
-    adv, stats = grpo.group_advantages(r if per_frame else r.mean(1), G, cfg.grpo)  # [P*G(, 15)]
-    if best_of:
-        adv = grpo.best_of_advantages(r.mean(1), G)            # [P*G]  1 for each group's pick
-    adv = local_rows(adv, rank, world, G)                      # [P/world * G(, 15)]
+def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor | None, dict]:
+    """The advantage seam, Eq. 1 on the global batch's per-frame rewards r [P * G, 15], then this rank's rows.
+    rl.credit "clip" (the paper): one advantage per rollout from its clip reward, [P/world * G]. "frame": Eq. 1
+    on each frame's reward, and frame t's entries earn A_t + A_{t+1}, the rewards its pixels decide
+    (grpo.frame_credit), [P/world * G, L]. (None, {}) when a reward is not finite: the step is skipped."""
+    if not torch.isfinite(r).all():
+        return None, {}
+    per_frame = cfg.rl.credit == "frame"
+    adv, stats = grpo.group_advantages(r if per_frame else r.mean(1), cfg.rl.group_size, cfg.grpo)
+    adv = local_rows(adv, rank, world, cfg.rl.group_size)           # [P/world * G(, 15)]
     return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 
 
-def branch_frame(cfg: Config, step: int) -> int | None:
-    """The frame 1..F-1 whose samples form the groups of `step` under rl.groups "frame" (a pure function of
-    (seed, step), the same on every rank), or None for whole-clip groups."""
-    if cfg.rl.groups == "clip":
-        return None
-    return int(np.random.default_rng([cfg.run.seed, step, 1]).integers(1, cfg.data.clip_len))
-
-
-def scored_terms(r: torch.Tensor, frame: int | None) -> torch.Tensor:
-    """Of per-frame terms r [B, 15] (frames 1..15), those a step's groups are scored on: all of them, or with
-    frame groups at t (rl.groups "frame") the terms at t and t+1 (one at t = 15), which frame t's pixels decide."""
-    return r if frame is None else r[:, frame - 1:frame + 1]
-
-
-def collect(api, model, ref, batch: dict, reward, cfg: Config, generators, rank: int, world: int,
-            frame: int | None = None) -> Experience:
-    """Roll out G clips per prompt (batch rows are groups of G), score every frame (Eq. 3 or 6), form the
-    advantages (Eq. 1) and, if β > 0, replay the rollouts under the frozen reference π_ref. With
-    `frame` t (rl.groups "frame"), the G samples differ in frame t alone (api.branch) and their reward is the mean
-    of the rewards at t and t+1, the frames whose actions the IDM reads from frame t's pixels."""
-    model.eval()
-    if frame is None:
-        ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, generators)
-    else:
-        ro = api.branch(model, batch["frames"], batch["tokens"], frame, cfg, generators)
-    r = scored_terms(reward(ro.frames, batch).float(), frame)  # [P/world * G, 15|2|1]
-    r = gather_rewards(r, world, cfg.rl.group_size)            # [P * G, 15|2|1]
-    if ref is not None:
-        ro = dataclasses.replace(ro, ref=replay(api.reference, ref, ro, cfg))
-    adv, stats = advantages(r, ro, cfg, rank, world) if torch.isfinite(r).all() else (None, {})  # r is global
-    return Experience(ro, r, adv, stats)
-
-
-def backward(train_model, api, exp: Experience, cfg: Config) -> tuple[list, list]:
+def backward(model, api, ro, adv: torch.Tensor, cfg: Config) -> list[tuple[float, dict]]:
     """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so the
-    gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). Under
-    DDP the gradients are all-reduced once, with the last micro-batch. Returns the micro-batches' losses
-    and (weight, health statistics) pairs."""
-    ro, n, mb = exp.ro, len(exp.ro.mask), cfg.rl.micro_batch
-    ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
-    world = runtime.rank_world()[1]
+    gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). One pass
+    per batch: π_old is π_θ before this step, so its log-probs are lp's values (TRL's choice; the sampler's own
+    ro.logp agree to ~1e-5 in fp32). Returns each micro-batch's (weight, health statistics)."""
+    n, mb, world = len(ro.mask), cfg.rl.micro_batch, runtime.rank_world()[1]
     total = across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
-    losses, stats = [], []
+    stats = []
     for i in range(0, n, mb):
         part = slice_rollout(ro, i, i + mb)
-        sync = not ddp or i + mb >= n                          # all-reduce gradients once, at the end
-        with contextlib.nullcontext() if sync else train_model.no_sync():
-            lp, kl = api.log_probs(train_model, part, cfg)
-            # Eq. 2. One pass per batch: π_old is π_θ before this step, so its log-probs are lp's values (TRL's
-            # choice; the sampler's own ro.logp agree to ~1e-5 in fp32, a replay would only cost a forward)
-            loss, st = grpo.policy_loss(lp, lp.detach(), exp.adv[i:i + mb], part.mask, cfg.grpo, kl)
-            weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
-            (loss * weight).backward()                         # a NaN reaches every rank's gradient
-        losses.append(loss.detach())
+        lp, kl = api.log_probs(model, part, cfg)                     # [b, L] each
+        loss, st = grpo.policy_loss(lp, lp.detach(), adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
+        weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
+        (loss * weight).backward()                                    # a NaN reaches this rank's gradient
         stats.append((float(weight), st))
-    return losses, stats
+    return stats
 
 
-def update(train_model, api, opt, params: list, exp: Experience, cfg: Config, device) -> tuple[dict, str | None]:
+def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, cfg: Config, device) -> tuple[dict, str | None]:
     """One AdamW step on Eq. 2 unless something is not finite (reward, advantage, log-prob, loss or gradient
     norm, on any rank): then nothing changes, neither the weights nor AdamW's moments. Returns the log row's
     entries and the reason for a skip (None if the step was taken)."""
-    why = first_nonfinite({"reward": exp.rewards, "advantage": exp.adv, "log-prob": exp.ro.logp,
-                           "reference": exp.ro.ref}, device)  # the same verdict on every rank (DDP lockstep)
-    train_model.train()
+    why = first_nonfinite({"reward": r, "advantage": adv, "log-prob": ro.logp, "reference": ro.ref}, device)
+    model.train()
     opt.zero_grad(set_to_none=True)
     if why is None:
-        losses, stats = backward(train_model, api, exp, cfg)
-        why = first_nonfinite({"loss": torch.stack(losses)}, device)
-    if why is None:                                            # gradients are all-reduced by now,
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.rl.grad_clip)     # so the norm is global
+        stats = backward(model, api, ro, adv, cfg)
+        why = first_nonfinite({"loss": torch.tensor([s["loss"] for _, s in stats])}, device)
+    if why is None:
+        runtime.average_gradients(params)                             # the global batch's gradient
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.rl.grad_clip)
         why = None if torch.isfinite(norm) else "gradient"
     if why is not None:
         opt.zero_grad(set_to_none=True)
@@ -342,8 +239,8 @@ def evaluate_before(api, model, held, cfg: Config, device, scorers, out: Path, b
     videos, names = [], ("recon", "before") + (("best_of",) if cfg.eval.best_of else ())
     results = {"gt": evaluate.evaluate_gt(held, cfg.eval, scorers),
                **evaluate.world_model_rows(api, model, held, cfg, names, device, best_by, scorers, videos)}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     torch.save(torch.cat(videos) if videos else torch.empty(0), out / "videos_before.pt")
+    (out / "results.json").write_text(json.dumps(results, indent=1))  # last: it marks the rows as complete
     tqdm.write(evaluate.markdown_table(list(results.values())))
 
 
@@ -362,9 +259,19 @@ def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) ->
         evaluate.write_side_by_side(out / "side_by_side.mp4", [gt, before, torch.cat(videos)], cfg.eval.fps)
 
 
-def check_run(cfg: Config, world: int) -> None:
-    """Checked before any work: each GRPO group lives on one rank (its advantages then need no communication), the
-    sizes are positive, and the evaluation's reward-IDM column reads with an IDM that gives the reward."""
+# ---------------------------------------------------------------------------------------------
+# The run folder (docs/conventions.md §5).
+# ---------------------------------------------------------------------------------------------
+# Fields a resume may change: where and how fast it runs, how often it saves and reports, and how long it runs
+# (the cosine schedule is a function of (step, rl.steps), so the remaining steps follow the new length). Any
+# other difference changes what the checkpoint means (the learning rate, the reward, the sizes): refused.
+RESUMABLE = {"run.out", "run.threads", "run.device", "rl.steps", "rl.save_every", "rl.eval_every",
+             "rl.max_bad_steps", "rl.micro_batch"}
+
+
+def check_run(cfg: Config, world: int, out: Path) -> None:
+    """Checked before any work: each GRPO group lives on one rank (its advantages then need no communication),
+    the evaluation's reward-IDM column reads with an IDM that gives the reward, and the run folder is a folder."""
     rl = cfg.rl
     if not rl.vpt_idm and cfg.eval.reward_idm not in rl.reward_idm.split(","):
         raise UsageError(f"eval.reward_idm={cfg.eval.reward_idm} is not the IDM that gives the reward "
@@ -372,9 +279,39 @@ def check_run(cfg: Config, world: int) -> None:
     if world > rl.prompts or rl.prompts % world:
         raise UsageError(f"rl.prompts={rl.prompts} prompts per step cannot be split over {world} ranks: each GRPO "
                          f"group lives on one rank, so launch a divisor of rl.prompts ranks or change rl.prompts")
-    if min(rl.group_size, rl.micro_batch, rl.max_bad_steps, rl.steps) < 1:
-        raise UsageError(f"rl.group_size={rl.group_size}, rl.micro_batch={rl.micro_batch}, rl.steps={rl.steps} and "
-                         f"rl.max_bad_steps={rl.max_bad_steps} must all be >= 1")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"run.out={out}: {p} is a file, not a folder; choose another --run.out")
+
+
+def hold(out: Path, stack: contextlib.ExitStack) -> None:
+    """Create the run folder and lock it until `stack` closes: a second run on the same folder stops with one
+    line instead of interleaving its log and checkpoints with this one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = stack.enter_context(open(out, "rb"))                  # a folder can hold an advisory lock, too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another run is using {out}; wait for it to end or choose another --run.out") from None
+
+
+def resume(ckpt: Path, out: Path, model, opt, sched, cfg: Config) -> int:
+    """The step to continue from: 0 for a new run, else the checkpoint's, after loading it. A checkpoint whose
+    config differs from this one beyond RESUMABLE is refused, naming the fields, before anything changes."""
+    if not ckpt.exists():
+        return 0
+    state = runtime.read_checkpoint(str(ckpt), "the run's ckpt.pt")
+    runtime.check_checkpoint(state, str(ckpt))
+    saved, now = dict(config.flatten(state["config"])), dict(config.flatten(config.to_dict(cfg)))
+    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+               if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    if changed:
+        raise UsageError(f"{ckpt} was saved with {', '.join(changed)}: resuming would mix two runs; rerun with the "
+                         f"config it was saved with ({out / 'config.yaml'}) or choose another --run.out")
+    if not (out / "results.json").exists():
+        raise UsageError(f"{out / 'results.json'} is missing, so the run's before row is lost; "
+                         f"start again with another --run.out")
+    return runtime.load_checkpoint(state, str(ckpt), model, opt, sched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,91 +324,94 @@ def main(argv: list[str]) -> None:
     if all(a.startswith("--") for a in argv):                 # no YAML: the embedded NFD default
         argv = [str(DEFAULT_CONFIG), *argv]
     cfg, name = config.parse(Config, argv)
-    rl, G = cfg.rl, cfg.rl.group_size
     device, rank, world = runtime.setup(cfg.run)
-    check_run(cfg, world)
     out = Path(cfg.run.out or f"out/{name}")
+    check_run(cfg, world, out)
+    with contextlib.ExitStack() as stack:                      # the folder's lock and the signal handlers
+        model = run(cfg, name, out, device, rank, world, stack)
+    # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.
+    print(f"rank {rank}/{world}: weights sha256 {fingerprint(model)}", flush=True)
+    runtime.teardown()
+
+
+def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack: contextlib.ExitStack):
+    """Evaluate the base, train rl.steps GRPO iterations (or what a checkpoint left), evaluate the result;
+    -> the trained model."""
+    rl, G = cfg.rl, cfg.rl.group_size
+    locked = rank == 0 and out.is_dir()                        # before reading a checkpoint another run writes
+    if locked:
+        hold(out, stack)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.dump(cfg))
-    say(f"{name}: {cfg.run.world_model} world model on {device} x {world}, {rl.steps} GRPO steps of {rl.prompts} "
-        f"prompts x G {G}, reward {rl.reward}; run folder {out} (resolved config in config.yaml)")
     torch.manual_seed(cfg.run.seed)
 
     # Data: RL prompts from their own worlds; held-out clips for evaluation from others.
     prompts, skips = data.load_clips(dataclasses.replace(cfg.data, seed=rl.prompt_seed))
     held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))
-    say(f"{len(prompts)} prompt clips, {len(held)} held-out clips" + (f"; skipped {dict(skips.counts)}"
-                                                                       if skips.counts else ""))
-    # Models: the policy, its frozen reference (only if β > 0), the reward.
+    # Models: the policy, its frozen reference (only if β > 0), the reward, the optimizer; then the checkpoint.
     api, model = world_model(cfg)
     model.to(device)
     ref = world_model(cfg)[1].to(device).eval() if cfg.grpo.beta > 0 else None
     reward = reward_fn(cfg, device, prompts)
     scorers = evaluate.load_scorers(cfg.eval) if rank == 0 else None   # metric networks, loaded once
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: runtime.lr_factor(s, rl.steps, rl.warmup))
-    ckpt, start = out / "ckpt.pt", 0
-    if ckpt.exists():
-        start = load_checkpoint(ckpt, model, opt, sched)
-        say(f"resumed from {ckpt} at step {start}")
-        if rank == 0:
-            runtime.trim_log(out / "log.jsonl", start)
-    stop = {"sigterm": False}                                  # pre-emption: save, then exit 0
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    ckpt = out / "ckpt.pt"
+    start = resume(ckpt, out, model, opt, sched, cfg)
+    if rank == 0:                                              # only now does the run write to its folder
+        if not locked:
+            hold(out, stack)
+        (out / "config.yaml").write_text(config.dump(cfg))
+        runtime.trim_log(out / "log.jsonl", start)             # drop rows a killed run logged past its checkpoint
+    say(f"{name}: {cfg.run.world_model} world model on {device} x {world}, {rl.steps} GRPO steps of {rl.prompts} "
+        f"prompts x G {G}, reward {rl.reward}; run folder {out}" + (f", resumed at step {start}" if start else ""))
+    say(f"{len(prompts)} prompt clips, {len(held)} held-out clips" + (f"; skipped {dict(skips.counts)}"
+                                                                       if skips.counts else ""))
     if rank == 0 and start == 0:
         # the best_of row's pick: the run's reward when it is the inverse one, else one built like it (Eq. 3)
         best_by = None if not cfg.eval.best_of else reward if rl.reward == "idm" else reward_fn(
             dataclasses.replace(cfg, rl=dataclasses.replace(rl, reward="idm")), device, prompts)
         evaluate_before(api, model, held, cfg, device, scorers, out, best_by)
 
+    stop = []                                                  # SIGTERM (pre-emption) or Ctrl-C: save, exit 0
+    for s in (signal.SIGTERM, signal.SIGINT):
+        stack.callback(signal.signal, s, signal.signal(s, lambda n, _: stop.append(signal.Signals(n).name)))
     batches = data.batches(prompts, rl.prompts, cfg.run.seed, start, rank, world, model.action_offset,
                            cfg.data.camera_tokens)
-    bad, log = 0, open(out / "log.jsonl", "a") if rank == 0 else None
+    log = stack.enter_context(open(out / "log.jsonl", "a")) if rank == 0 else None
+    bad = 0
     for step in (bar := tqdm(range(start, rl.steps), desc="rlir", disable=rank > 0)):
         t0 = time.time()
         batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in next(batches).items()}  # groups of G
-        gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)  # one per group
-        exp = collect(api, model, ref, batch, reward, cfg, gens, rank, world, branch_frame(cfg, step))
-        row, why = update(train_model, api, opt, params, exp, cfg, device)
+        gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)          # one per group
+        ro, r = collect(api, model, ref, batch, reward, cfg, gens, world)                    # rollout, Eq. 3
+        adv, stats = advantages(r, ro, cfg, rank, world)                                      # Eq. 1
+        row, why = update(model, api, opt, params, ro, r, adv, cfg, device)                  # Eq. 2, AdamW
+        sched.step()                                           # the LR stays a function of the step
         bad = bad + 1 if why else 0
         if why:
             say(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
-        sched.step()                                           # the LR stays a function of the step
-        row = {"step": step + 1, **exp.stats, **row, "lr": sched.get_last_lr()[0],
-               "seconds": round(time.time() - t0, 2)}
-        sigterm = across_ranks([float(stop["sigterm"])], "max", device)[0] > 0
+        row = {"step": step + 1, **stats, **row, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+        stopping = across_ranks([float(bool(stop))], "max", device)[0] > 0
         if rank == 0:
             log.write(json.dumps(row) + "\n")
             log.flush()
             bar.set_postfix(reward=round(row.get("reward_mean", float("nan")), 3))
             done = step + 1 == rl.steps
             if rl.eval_every and (step + 1) % rl.eval_every == 0 and not done:
-                name = f"step {step + 1}"
-                rows = evaluate.world_model_rows(api, model, held, cfg, (name,), device, None, scorers)
-                bar.write(json.dumps(rows[name]))
-            if (step + 1) % rl.save_every == 0 or done or sigterm:
-                save_checkpoint(ckpt, model, opt, sched, step + 1, cfg)
+                rows = evaluate.world_model_rows(api, model, held, cfg, (f"step {step + 1}",), device, None, scorers)
+                bar.write(json.dumps(rows[f"step {step + 1}"]))
+            if (step + 1) % rl.save_every == 0 or done or stopping:
+                runtime.save_checkpoint(ckpt, model, opt, sched, step + 1, config.to_dict(cfg))
         if bad >= rl.max_bad_steps:
-            signal.signal(signal.SIGTERM, previous_handler)
             raise UsageError(f"stopping at step {step + 1}: {bad} consecutive skipped steps (last: non-finite {why}; "
                              f"rl.max_bad_steps={rl.max_bad_steps}); fix the cause and rerun to resume from {ckpt}")
-        if sigterm:
-            say(f"SIGTERM: saved {ckpt} at step {step + 1}; rerun the same command to resume")
-            break
-    else:
-        if rank == 0:
-            evaluate_after(api, model, held, cfg, device, scorers, out)
-    if log is not None:
-        log.close()
-    # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.
-    print(f"rank {rank}/{world}: weights sha256 {fingerprint(model)}", flush=True)
-    signal.signal(signal.SIGTERM, previous_handler)
-    runtime.teardown()
-
+        if stopping:
+            say(f"{(stop or ['stop'])[0]}: saved {ckpt} at step {step + 1}; rerun the same command to resume")
+            return model
+    if rank == 0:
+        evaluate_after(api, model, held, cfg, device, scorers, out)
+    return model
 
 if __name__ == "__main__":
     runtime.cli(main)

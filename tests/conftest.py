@@ -49,3 +49,13 @@ def flat(tree, prefix=""):
             yield from flat(v, prefix + k + ".")
         elif v is not None:
             yield f"{prefix}{k}={json.dumps(v)}"
+
+
+def tiny_nfd_args(out, steps) -> list[str]:
+    """train.py's command line for a tiny NFD world model from random weights (seeded by run.seed) on the
+    embedded world, 2 prompts x G 2 anchored by a KL, the pixel reward, writing to `out`, for `steps` steps."""
+    return ["configs/minicraft_nfd.yaml", "--nfd.init_from=scratch", "--ae.init_from=", "--nfd.hidden=32",
+            "--nfd.mlp=48", "--nfd.heads=2", "--nfd.layers=1", "--nfd.frames=16", "--sde.steps=3",
+            "--sde.eval_steps=2", "--rl.prompts=2", "--rl.group_size=2", "--rl.micro_batch=4", f"--rl.steps={steps}",
+            "--rl.lr=1e-2", "--rl.reward=pixel", "--grpo.beta=0.1", "--data.max_clips=2", "--eval.clips=2",
+            "--eval.videos=0", "--run.threads=1", f"--run.out={out}"]

@@ -44,24 +44,19 @@ def test_gradient_noise_is_one_for_equal_batches_and_lower_for_independent_ones(
     assert same["noise_scale_clip"] == 0.0                    # no spread between equal batches
     other = bench.gradient_cosines(cfg, seeds=(0, 1))
     assert -1 <= other["grad_cos_clip_mean"] < 0.99 and -1 <= other["grad_cos_frame_mean"] < 0.99
-    frame = bench.gradient_cosines(tiny_cfg(assets, extra=["--rl.reward=pixel", "--rl.groups=frame"]), seeds=(0, 0))
-    assert frame["grad_cos_clip_mean"] == pytest.approx(1.0, abs=1e-5) and "grad_cos_frame_mean" not in frame
 
 
-def test_judge_scores_count_the_seven_judged_groups_over_the_rewarded_frames(assets, monkeypatch):  # noqa: F811
+def test_judge_scores_count_the_seven_judged_groups(assets, monkeypatch):  # noqa: F811
     """The judge's share of the 7 judged groups read right, by hand: one wrong group (forward pressed where it was
-    not) in one frame of clip 0 costs 1/(7·15) over the whole clip and 1/(7·2) over frames t, t+1 around it."""
+    not) in one frame of clip 0 costs 1/(7·15) over the whole clip."""
     batch = data.collate(data.load_clips(tiny_cfg(assets).data)[0][:2], 16)
     buttons = batch["buttons"].clone()
     forward, back = data.VPT_BUTTONS.index("forward"), data.VPT_BUTTONS.index("back")
     buttons[0, 3, forward], buttons[0, 3, back] = 1 - buttons[0, 3, forward], 0   # frame 3: fwd/back read wrong
     assert not torch.equal(data.action_groups(buttons, batch["camera_bins"])[0, 3], batch["groups"][0, 3])
     monkeypatch.setattr(bench.idm_lib, "predict", lambda judge, frames: (buttons, batch["camera_bins"]))
-    whole = bench.judge_scores(None, batch["frames"], batch["groups"], None)
+    whole = bench.judge_scores(None, batch["frames"], batch["groups"])
     torch.testing.assert_close(whole, torch.tensor([1 - 1 / 105, 1.0]))
-    around = bench.judge_scores(None, batch["frames"], batch["groups"], 3)        # frames 3 and 4
-    torch.testing.assert_close(around, torch.tensor([1 - 1 / 14, 1.0]))
-    assert bench.judge_scores(None, batch["frames"], batch["groups"], 5).tolist() == [1.0, 1.0]
 
 
 def test_noise_scale_recovers_a_known_signal_to_noise_ratio():

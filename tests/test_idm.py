@@ -99,10 +99,11 @@ def test_predict_loss_and_reward_on_fixture(vpt, fixture_io, batched):
     pred = data.action_groups(buttons, cam)  # [B, T, 9]
     flipped = buttons.clone()
     flipped[..., idm.BUTTONS.index("attack")] ^= 1
-    torch.testing.assert_close(idm.inverse_reward(pred, pred), torch.ones(2))
-    torch.testing.assert_close(idm.inverse_reward(pred, data.action_groups(flipped, cam)), torch.zeros(2))
-    torch.testing.assert_close(idm.inverse_reward(pred, data.action_groups(flipped, cam), "group"),
-                               torch.full((2,), 8 / 9))
+    other = data.action_groups(flipped, cam)  # [B, T, 9]
+    torch.testing.assert_close(idm.frame_scores(pred[:, 1:] == pred[:, 1:], pred), torch.ones(2, 15))
+    torch.testing.assert_close(idm.frame_scores(pred[:, 1:] == other[:, 1:], other), torch.zeros(2, 15))
+    torch.testing.assert_close(idm.frame_scores(pred[:, 1:] == other[:, 1:], other, "group"),
+                               torch.full((2, 15), 8 / 9))
 
 
 def test_true_label_probs_are_the_groups_label_probabilities(batched):
@@ -219,34 +220,45 @@ def test_unsupported_net_args_are_named():
             idm.IDM({**kwargs, key: value}, 4.0)
 
 
-def test_inverse_reward_hand_worked():
+def test_inverse_reward_hand_worked(monkeypatch):
+    """Eq. 3's per-frame terms (frame_scores) by hand, then inverse_reward end to end with stand-in IDMs whose
+    argmax reading and label probabilities are fixed: the ensemble averages the members' terms."""
     true = torch.zeros(2, 4, 9, dtype=torch.int64)
     pred = torch.zeros(2, 4, 9, dtype=torch.int64)
     pred[:, 0] = 7  # frame 0 is the context frame: never scored
     pred[0, 2, 4] = 1  # clip 0, frame 2: 1 of 9 groups wrong
     pred[0, 3, :3] = 2  # clip 0, frame 3: 3 of 9 groups wrong
-    exact = idm.inverse_reward(pred, true)
-    group = idm.inverse_reward(pred, true, granularity="group")
-    torch.testing.assert_close(exact, torch.tensor([1 / 3, 1.0]))  # frames 1..3: only frame 1 exact
-    torch.testing.assert_close(group, torch.tensor([(1 + 8 / 9 + 6 / 9) / 3, 1.0]))
+    match = pred[:, 1:] == true[:, 1:]  # [2, 3, 9]
+    torch.testing.assert_close(idm.frame_scores(match, true), torch.tensor([[1, 0, 0], [1, 1, 1.0]]))
+    torch.testing.assert_close(idm.frame_scores(match, true, "group"), torch.tensor([[1, 8 / 9, 6 / 9], [1, 1, 1]]))
     # balanced: the 7 judged groups, each match weighted by its true label's weight; camera (groups 7, 8) unscored
     weights = torch.ones(7, 11)
     weights[4, 0] = 4.0  # group 4's label 0 (the true one everywhere) weighs 4: frame 2 of clip 0 keeps 6 of 10
-    balanced = idm.inverse_reward(pred, true, "balanced", label_weights=weights)
-    torch.testing.assert_close(balanced, torch.tensor([(1 + 6 / 10 + 7 / 10) / 3, 1.0]))  # frame 3: 3 of 10 lost
-    # probs (rl.reading "soft"): the IDM's probabilities of the given labels stand for the matches
-    probs = torch.full((2, 4, 9), 0.5)
+    balanced = idm.frame_scores(match, true, "balanced", weights)
+    torch.testing.assert_close(balanced, torch.tensor([[1, 6 / 10, 7 / 10], [1, 1, 1]]))  # frame 3: 3 of 10 lost
+    # a soft reading: the IDM's probabilities of the given labels stand for the matches
+    probs = torch.full((2, 3, 9), 0.5)
     probs[1] = 1.0
-    torch.testing.assert_close(idm.inverse_reward(pred, true, probs=probs), torch.tensor([0.5 ** 9, 1.0]))
-    torch.testing.assert_close(idm.inverse_reward(pred, true, "group", probs=probs), torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(idm.inverse_reward(pred, true, "balanced", label_weights=weights, probs=probs),
-                               torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(idm.frame_scores(probs, true).mean(1), torch.tensor([0.5 ** 9, 1.0]))
+    torch.testing.assert_close(idm.frame_scores(probs, true, "group").mean(1), torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(idm.frame_scores(probs, true, "balanced", weights).mean(1), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="label_weights"):
-        idm.inverse_reward(pred, true, "balanced")
+        idm.frame_scores(match, true, "balanced")
     with pytest.raises(ValueError, match="granularity"):
-        idm.inverse_reward(pred, true, granularity="frame")
-    with pytest.raises(ValueError, match="same shape"):
-        idm.inverse_reward(pred, true[:, :3])
+        idm.frame_scores(match, true, granularity="frame")
+    with pytest.raises(ValueError, match="need match"):
+        idm.frame_scores(match, true[:, :3])
+    # inverse_reward: each IDM's reading of the frames, scored as above, averaged over the ensemble
+    monkeypatch.setattr(idm, "decode", lambda out: out["decoded"])
+    monkeypatch.setattr(data, "action_groups", lambda groups, _: groups)
+    monkeypatch.setattr(idm, "true_label_probs", lambda out, _: out["probs"])
+    soft = torch.cat([torch.full((2, 1, 9), 0.9), probs], 1)  # [2, 4, 9]; frame 0 unscored
+    nets = [lambda f, p=p: {"decoded": (p, None), "probs": soft} for p in (pred, true)]
+    frames = torch.zeros(2, 4, 8, 8, 3, dtype=torch.uint8)
+    torch.testing.assert_close(idm.inverse_reward(nets, frames, true),
+                               (idm.frame_scores(match, true) + 1) / 2)   # the second IDM reads every frame right
+    torch.testing.assert_close(idm.inverse_reward(nets[:1], frames, true, "group", "soft"),
+                               idm.frame_scores(probs, true, "group"))
 
 
 def test_label_weights_are_inverse_label_counts_of_the_judged_groups():

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import config
-from model_ar import (ACTION_VOCAB, ARConfig, Rollout, Transformer, VQConfig, WorldModel, branch, build_sequence,
+from model_ar import (ACTION_VOCAB, ARConfig, Rollout, Transformer, VQConfig, WorldModel, build_sequence,
                       build_world_model, generate, generated_positions, load_mineworld_vae, log_probs, lm_loss,
                       new_cache, quantize, reference, rollout, sample_frames, sample_image_token, top_p_filter)
 
@@ -198,37 +198,6 @@ def test_full_length_default_rollout_log_probs_match():
     ro = generate(model, x0, actions, 1.0, 0.8, g)
     assert ro.frames.shape == (2, 16, 64, 64, 3) and ro.mask.sum() == 2 * 15 * 64
     torch.testing.assert_close(log_probs(model, ro)[0], ro.logp, atol=1e-5, rtol=0)
-
-
-def test_branch_samples_frame_t_alone_given_the_ground_truth_prefix():
-    """rl.groups=frame: only frame t's tokens are sampled (and masked in); every other token is the ground
-    truth's, frame t depends on the prefix and not on later frames, and replay gives ratio 1."""
-    model = tiny_model(frames=4)
-    cfg, n, t = model.cfg, model.cfg.image_tokens, 2
-    g = torch.Generator().manual_seed(1)
-    video = torch.randint(0, 256, (3, cfg.frames, 16, 16, 3), dtype=torch.uint8, generator=g)
-    actions = prompt(cfg, batch=3)[1]
-    run = config.Config()
-    ro = branch(model, video, actions, t, run, torch.Generator().manual_seed(2))
-    truth = build_sequence(model.tokenizer.encode(video.flatten(0, 1)).view(3, cfg.frames, n), actions)  # [B, L]
-    start = t * cfg.frame_len
-    assert ro.mask.sum(1).tolist() == [n] * 3 and ro.mask[:, start:start + n].all()
-    assert torch.equal(ro.tokens[:, :start], truth[:, :start]) and torch.equal(ro.tokens[:, start + n:],
-                                                                             truth[:, start + n:])
-    assert not torch.equal(ro.tokens[:, start:start + n], truth[:, start:start + n])  # sampled, not copied
-    shown = model.tokenizer.roundtrip(video)
-    assert all(torch.equal(ro.frames[:, f], shown[:, f]) for f in range(cfg.frames) if f != t)
-    assert torch.equal(ro.frames[:, t], model.tokenizer.decode(ro.tokens[:, start:start + n]))
-    lp = log_probs(model, ro)[0]  # truncated after frame t's last token: the same as the full forward
-    full = log_probs(model, dataclasses.replace(ro, mask=generated_positions(cfg).float().expand(3, -1)))[0]
-    torch.testing.assert_close(lp * ro.mask, ro.logp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(full * ro.mask, lp * ro.mask, atol=1e-5, rtol=0)
-    later, earlier = actions.clone(), actions.clone()  # (random VQ codes barely depend on the pixels)
-    later[:, t + 1] = cfg.n_codes + (later[:, t + 1] - cfg.n_codes + 1) % ACTION_VOCAB
-    earlier[:, t] = cfg.n_codes + (earlier[:, t] - cfg.n_codes + 1) % ACTION_VOCAB
-    same = branch(model, video, later, t, run, torch.Generator().manual_seed(2))
-    other = branch(model, video, earlier, t, run, torch.Generator().manual_seed(2))
-    assert torch.equal(same.logp, ro.logp) and not torch.equal(other.logp, ro.logp)
 
 
 def test_rollout_is_deterministic_given_a_generator():

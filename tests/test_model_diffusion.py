@@ -10,7 +10,7 @@ import yaml
 
 import config
 import sde_sampler as sde
-from model_diffusion import (AEConfig, NFD, NFDConfig, actions_multi_hot, block_causal_mask, branch, context_kv,
+from model_diffusion import (AEConfig, NFD, NFDConfig, actions_multi_hot, block_causal_mask, context_kv,
                              fm_loss, load_weights, log_probs, noisy_velocity, reference, replay_mask, rollout,
                              sample_frames)
 from sde_sampler import SDEConfig
@@ -170,30 +170,6 @@ def test_rollout_shapes_mask_and_logprob_ratio_one():
     assert torch.allclose(torch.exp(lp[sel] - ro.logp[sel]), torch.ones(int(sel.sum())), atol=1e-5)
     lp[sel].sum().backward()
     assert model.final.weight.grad.abs().sum() > 0 and model.blocks[0].qkv.weight.grad.abs().sum() > 0
-
-
-def test_branch_samples_frame_t_alone_with_ratio_one():
-    """rl.groups=frame: the rollout spans frames 0..t, only frame t's SDE steps are trained, the other frames
-    are the ground truth through the tokenizer, frame t depends on the prefix only, and replay gives ratio 1."""
-    model, B, K, t = tiny_model(frames=5), 4, 4, 2
-    video, tokens = clip(B, 5)
-    cfg = run_cfg(group_size=2, steps=K)
-    ro = branch(model, video, tokens, t, cfg, [torch.Generator().manual_seed(s) for s in (1, 2)])
-    enc = model.ae.encode(video.flatten(0, 1)).view(B, 5, N_TOK, C)  # [B, F, N, C]
-    assert ro.latents.shape == (B, t + 1, N_TOK, C) and torch.equal(ro.latents[:, :t], enc[:, :t])
-    assert torch.equal(ro.traj[:, t - 1, -1], ro.latents[:, t]) and not ro.traj[:, :t - 1].any()
-    assert ro.frame_of[ro.mask.sum(0) > 0].unique().tolist() == [t]  # only frame t's steps are trained
-    shown = model.ae.roundtrip(video)
-    assert ro.frames.shape == video.shape and all(torch.equal(ro.frames[:, f], shown[:, f]) for f in (0, 1, 3, 4))
-    lp, _ = log_probs(model, ro, cfg)
-    sel = ro.mask.bool()
-    assert torch.allclose(lp[sel], ro.logp[sel], atol=1e-5) and not lp[~sel].any()
-    later, earlier = video.clone(), video.clone()
-    later[:, t + 1] = 255 - later[:, t + 1]
-    earlier[:, t - 1] = 255 - earlier[:, t - 1]
-    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]  # noqa: E731
-    assert torch.equal(branch(model, later, tokens, t, cfg, gens()).latents, ro.latents)
-    assert not torch.equal(branch(model, earlier, tokens, t, cfg, gens()).latents[:, t], ro.latents[:, t])
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])

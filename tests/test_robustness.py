@@ -7,6 +7,7 @@ malicious pickle and checkpoint key errors of model files (test_idm.py, test_mod
 that do not split into groups (test_grpo.py).
 """
 import dataclasses
+import fcntl
 import json
 import os
 import random
@@ -28,7 +29,7 @@ import model_diffusion
 import sde_sampler
 import train
 from test_model_diffusion import clip, tiny_model
-from conftest import tiny_args, tiny_cfg
+from conftest import tiny_args, tiny_cfg, tiny_nfd_args
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -140,6 +141,23 @@ def test_torchrun_two_ranks_match_one_process(assets, reference, tmp_path):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
 
 
+def test_torchrun_two_ranks_train_nfd_like_one_process(tmp_path):
+    """The diffusion world model under torchrun: its replay (log_probs over the SDE transitions) sees the plain
+    module and the gradients are averaged by hand, so 2 ranks end where 1 process does."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(tiny_nfd_args(one, steps=2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *tiny_nfd_args(two, steps=2)]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    prints = dict(re.findall(r"rank (\d)/2: weights sha256 (\w+)", run.stdout))
+    assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints   # replicas identical
+    a, b = weights(one), weights(two)
+    assert all(r["grad_norm"] > 0 for r in log_rows(one))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
 # -----------------------------------------------------------------------------
 # Pre-emption: SIGKILL at any moment leaves a loadable checkpoint; SIGTERM saves and exits 0.
 
@@ -162,14 +180,15 @@ def test_sigkill_at_a_random_moment_then_resume_reproduces_the_unbroken_run(asse
     assert rows[-1]["loss"] == log_rows(reference)[-1]["loss"]
 
 
-def test_sigterm_saves_exits_zero_and_the_rerun_continues(assets, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_exits_zero_and_the_rerun_continues(assets, reference, tmp_path, sig):
     out = tmp_path / "preempted"
     proc = launch([sys.executable, "train.py", *args(assets, out, "--rl.save_every=100")])
     wait_for(lambda: (out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stdout[-3000:]
-    saved = re.search(r"SIGTERM: saved \S+ at step (\d+); rerun the same command to resume", stdout)
+    assert proc.returncode == 0 and "Traceback" not in stdout, stdout[-3000:]
+    saved = re.search(rf"{sig.name}: saved \S+ at step (\d+); rerun the same command to resume", stdout)
     assert saved, stdout[-3000:]
     step = int(saved.group(1))
     assert 1 <= step < STEPS and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
@@ -292,12 +311,6 @@ def test_an_evaluation_reward_idm_that_gives_no_reward_is_rejected(assets, tmp_p
     assert (tmp_path / "ok" / "results.json").exists()
 
 
-@pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps", "rl.steps"])
-def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
-    with pytest.raises(config.UsageError, match="must all be >= 1"):
-        train.main(args(assets, tmp_path / "run", f"--{key}=0"))
-
-
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -308,7 +321,7 @@ class Payload:
     ("pickle", "cannot read the checkpoint"),
     ("drop_key", "missing keys ['transformer.lm_head.weight']"),
     ("reshape", "mis-shaped ['transformer.lm_head.weight [1, 1] != "),
-    ("not_train", "lacks ['optimizer', 'scheduler', 'step', 'rng']"),
+    ("not_train", "lacks ['optimizer', 'scheduler', 'step', 'rng', 'config']"),
 ])
 def test_a_damaged_checkpoint_fails_with_a_message(assets, one_step, tmp_path, monkeypatch, damage, message):
     out = tmp_path / "run"
@@ -332,3 +345,64 @@ def test_a_damaged_checkpoint_fails_with_a_message(assets, one_step, tmp_path, m
         train.main(args(assets, out))
     assert str(ckpt) in str(e.value)
     assert not (tmp_path / "pwned").exists()
+
+
+# -----------------------------------------------------------------------------
+# The run folder is a record: one run at a time, nothing written before the checks, no mixed configs.
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(assets, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3')   # a killed run's rows, a torn line
+    train.main(args(assets, out, "--rl.steps=2"))
+    assert [r["step"] for r in log_rows(out)] == [1, 2] and "reward_mean" in log_rows(out)[0]
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused(assets, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out, "rb") as held:                             # what a running train.py holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(config.UsageError, match="another run is using"):
+            train.main(args(assets, out))
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("change, named", [
+    ("--rl.lr=0.001", "rl.lr=0.01 (now 0.001)"),
+    ("--ar.hidden=64", "ar.hidden=32 (now 64)"),
+    ("--rl.reward=idm", "rl.reward='pixel' (now 'idm')"),
+])
+def test_a_resume_that_changes_what_the_checkpoint_means_is_refused_and_writes_nothing(
+        assets, one_step, tmp_path, change, named):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(config.UsageError, match=re.escape(named)) as e:
+        train.main(args(assets, out, change))
+    assert str(out / "config.yaml") in str(e.value)           # the file it says to rerun with is intact
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+
+def test_a_resume_may_change_how_often_it_saves_and_how_long_it_runs(assets, one_step, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    train.main(args(assets, out, "--rl.steps=2", "--rl.save_every=5", "--run.threads=2"))
+    assert [r["step"] for r in log_rows(out)] == [1, 2]
+
+
+def test_a_checkpoint_without_its_before_row_is_refused(assets, one_step, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_step, out)
+    (out / "results.json").unlink()
+    with pytest.raises(config.UsageError, match="results.json is missing"):
+        train.main(args(assets, out, "--rl.steps=2"))
+
+
+def test_a_run_folder_that_is_a_file_is_refused(assets, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(config.UsageError, match=f"{tmp_path / 'file'} is a file, not a folder"):
+            train.main(args(assets, out))
+    assert (tmp_path / "file").read_text() == "x"

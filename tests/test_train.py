@@ -9,12 +9,12 @@ import torchvision
 
 import config
 import data
-import evaluate
 import grpo
 import idm as idm_lib
 import model_diffusion
+import pixel_reward
 import train
-from conftest import tiny_args, tiny_cfg
+from conftest import tiny_args, tiny_cfg, tiny_nfd_args
 
 
 def test_first_pass_ratio_is_one_and_every_parameter_moves(assets):
@@ -46,11 +46,10 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
     clips = data.load_clips(cfg.data)[0]
     batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips[:2], 16).items()}
     ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    exp = train.Experience(ro, torch.zeros(4, 15), torch.tensor([1.0, -1.0, 0.5, -0.5]), {})
-    grads = []
+    adv, grads = torch.tensor([1.0, -1.0, 0.5, -0.5]), []
     for mb in (4, 1):
         model.zero_grad(set_to_none=True)
-        train.backward(model, api, exp, dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)))
+        train.backward(model, api, ro, adv, dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
@@ -59,7 +58,7 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
 def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     """Eq. 6 with an LPIPS network (random AlexNet weights: no download): -(L1 + LPIPS) per frame."""
     torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pt")
-    lp, why = evaluate.load_lpips(str(tmp_path / "alexnet.pt"))
+    lp, why = pixel_reward.load_lpips(str(tmp_path / "alexnet.pt"))
     assert lp is not None, why
     cfg = tiny_cfg(assets, extra=["--rl.reward=pixel"])
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +66,7 @@ def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lpips_backbone=str(tmp_path / "alexnet.pt")))
     r = train.reward_fn(cfg, "cpu", [])(frames, {"frames": gt})              # [2, 15]
     x, y = frames[:, 1:].float() / 255, gt[:, 1:].float() / 255
-    want = (x - y).abs().mean((2, 3, 4)) + evaluate.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
+    want = (x - y).abs().mean((2, 3, 4)) + pixel_reward.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
     torch.testing.assert_close(r, -want)
     assert (r < -(x - y).abs().mean((2, 3, 4))).all()                        # LPIPS adds a positive term
 
@@ -158,25 +157,6 @@ def test_frame_credit_reaches_every_generated_entry_of_both_paradigms(assets, tm
         train.main([*tiny_args(assets, tmp_path / "bad", steps=1), "--rl.credit=token"])
 
 
-def test_best_of_objective_raises_the_likelihood_of_each_groups_pick(assets):
-    """rl.objective=best_of: advantage 1 for each group's best rollout, 0 for the rest, whatever rl.credit; a few
-    steps on one batch raise the log-likelihood of the picked rollouts."""
-    cfg = tiny_cfg(assets, extra=["--rl.objective=best_of", "--rl.credit=frame", "--rl.lr=1e-3"])
-    api, model = train.world_model(cfg)
-    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(data.load_clips(cfg.data)[0][:2], 16).items()}
-    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
-    r = torch.tensor([0.2, 0.7, 0.4, 0.1]).repeat_interleave(15).view(4, 15)
-    adv, _ = train.advantages(r, ro, cfg, 0, 1)
-    assert adv.tolist() == [0.0, 1.0, 1.0, 0.0]
-    exp, before = train.Experience(ro, r, adv, {}), train.replay(api.log_probs, model, ro, cfg)   # [4, L]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, weight_decay=0)
-    for _ in range(3):
-        train.update(model, api, opt, params, exp, cfg, "cpu")
-    gain = (train.replay(api.log_probs, model, ro, cfg) - before).mul(ro.mask).sum(1)   # [4] log-likelihood change
-    assert gain[1] > 1 and gain[2] > 1
-
-
 def test_an_ensemble_reward_is_the_mean_of_its_members(assets):
     """rl.reward_idm="a.pt,b.pt": every frame's reward is the mean of the members' Eq. 3 terms (for the group
     count and for the class-balanced one, whose label weights come from the prompt clips)."""
@@ -208,37 +188,12 @@ def test_a_soft_reading_scores_the_idms_probability_of_the_given_labels(assets):
     assert not torch.equal(soft, hard) and 0 < soft.min() and soft.max() < 1
 
 
-def test_frame_groups_reward_frame_t_and_its_successor_and_train(assets, tmp_path):
-    """rl.groups=frame: the step's frame t is a pure function of (seed, step) in 1..15; each group's rewards are
-    Eq. 3's terms at t and t+1 only (t = 15: only r_15); one advantage per sample; a run trains end to end."""
-    cfg = tiny_cfg(assets, extra=["--rl.groups=frame"])
-    frames = [train.branch_frame(cfg, s) for s in range(200)]
-    assert set(frames) == set(range(1, 16)) and frames == [train.branch_frame(cfg, s) for s in range(200)]
-    assert train.branch_frame(tiny_cfg(assets), 0) is None     # whole-clip groups, the paper's
-    api, model = train.world_model(cfg)
-    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(data.load_clips(cfg.data)[0][:2], 16).items()}
-    every = torch.arange(60, dtype=torch.float32).view(4, 15)  # reward 15 * row + frame index - 1
-    for t, want in ((4, [[3.0, 4.0]]), (15, [[14.0]])):
-        exp = train.collect(api, model, None, batch, lambda f, b: every, cfg, torch.Generator().manual_seed(0), 0, 1, t)
-        assert exp.rewards.tolist()[:1] == want and exp.adv.shape == (4,)
-        assert exp.ro.mask.sum(1).tolist() == [model.cfg.image_tokens] * 4   # frame t's tokens alone
-    out = tmp_path / "frame_groups"
-    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--rl.groups=frame"])
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all(r["grad_norm"] > 0 for r in log) and "after" in json.loads((out / "results.json").read_text())
-
-
 def test_nfd_run_end_to_end_with_a_kl_anchor(tmp_path):
     """The default paradigm through train.main on a tiny NFD model from random weights: rollout, reward,
     replay of π_old and π_ref, the KL-anchored update, evaluation rows; the KL to the reference is logged
     (0 on the first step: the policy is the reference) and the weights move."""
     out = tmp_path / "nfd"
-    tiny = ["--nfd.init_from=scratch", "--ae.init_from=", "--nfd.hidden=32", "--nfd.mlp=48", "--nfd.heads=2",
-            "--nfd.layers=1", "--nfd.frames=16", "--sde.steps=3", "--sde.eval_steps=2", "--rl.prompts=2",
-            "--rl.group_size=2", "--rl.micro_batch=4", "--rl.steps=2", "--rl.lr=1e-2", "--rl.reward=pixel",
-            "--grpo.beta=0.1", "--data.max_clips=2", "--eval.clips=2", "--eval.videos=0", "--run.threads=1",
-            f"--run.out={out}"]
-    train.main(["configs/minicraft_nfd.yaml", *tiny])
+    train.main(tiny_nfd_args(out, steps=2))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["grad_norm"] > 0 for r in log)
     assert log[0]["kl_ref"] < 1e-8 < log[1]["kl_ref"]         # anchored to the start, then moving away
