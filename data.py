@@ -5,8 +5,8 @@ raw VPT contractor recordings (640x360 mp4 + contractor jsonl), converts contrac
 VPT / MineWorld do, quantizes cameras (VPT 11 bins, MineWorld 21 bins), tokenizes actions into
 MineWorld's 11 tokens, builds the 7 + 2 evaluation groups of Table 3, drops GUI and static windows,
 and collates clips into a batch of tensors. Every conversion is checked bit for bit against outputs
-of the original code in `fixtures/actions/` (see tests/test_data.py).
-Facts used: `reference/mineworld_vpt_formats.md` §1.5, §1.7, §1.8, §2.4, §2.6 (cited as "ref §x").
+of the original code (the parity fixtures read by tests/test_data.py; not shipped with the repository).
+Facts used: docs/formats.md §1.5, §1.7, §1.8, §2.4, §2.6; the clip convention: docs/conventions.md §1.1, §1.2.
 """
 
 import json
@@ -36,18 +36,18 @@ class DataConfig:
     stride: int = 16  # window stride in frames when cutting long recordings into clips
     static_threshold: float = 1.0  # static window: every consecutive-frame mean |diff| below this (uint8 levels)
     drop_gui: bool = True  # drop windows with any GUI frame (paper §5.1: the IDM cannot read GUI frames)
-    truncate_camera: bool = True  # contractor camera truncated toward zero to whole degrees, as VPT does (ref §2.6)
-    mineworld_conflicts: bool = True  # clear conflicting key pairs as MineWorld's converter does (ref §1.7)
+    truncate_camera: bool = True  # contractor camera truncated toward 0 to whole degrees, as VPT (docs/formats.md §2.6)
+    mineworld_conflicts: bool = True  # clear conflicting key pairs as MineWorld's converter does (docs/formats.md §1.7)
     max_clips: int | None = 1000  # stop after this many clips (paper: ~1000 training samples suffice); None = all
     seed: int = 0  # seed of the embedded world's clip generator
     # Camera slots of the action tokens (`action_to_tokens`): "mineworld" = MineWorld's 21-bin quantizer, needed
     # for real MineWorld checkpoints (it merges some VPT bins, e.g. 1.61 and 3.22 deg); "vpt" = one token per
-    # VPT 11-bin class, so every scored camera bin is a function of the tokens (DESIGN.md, embedded experiment)
+    # VPT 11-bin class, so every scored camera bin is a function of the tokens (docs/conventions.md §8.2)
     camera_tokens: Literal["mineworld", "vpt"] = "mineworld"
 
 
 # ----------------------------------------------------------------------------------------------
-# Frames: bilinear resize with cv2.INTER_LINEAR semantics (ref checklist 9)
+# Frames: bilinear resize with cv2.INTER_LINEAR semantics (docs/formats.md §2.2, step 1)
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize uint8 [..., H, W, 3] frames to [..., height, width, 3] like cv2.resize(INTER_LINEAR).
@@ -72,7 +72,7 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Actions: env format (VPT/MineRL keys), the IDM's 20 buttons, contractor-jsonl conversion
 
-# The env-format no-op in VPT's key order (ref §1.7); camera = [pitch, yaw] in degrees, + pitch = look down.
+# The env-format no-op in VPT's key order (docs/formats.md §1.7); camera = [pitch, yaw] in degrees, + pitch = look down.
 NOOP_ACTION = {
     "ESC": 0, "back": 0, "drop": 0, "forward": 0,
     **{f"hotbar.{k}": 0 for k in range(1, 10)},
@@ -81,11 +81,11 @@ NOOP_ACTION = {
 }
 BUTTON_KEYS = tuple(k for k in NOOP_ACTION if k != "camera")  # the 22 binary keys (0 = up, 1 = pressed)
 
-# The IDM's 20 buttons in VPT's Buttons.ALL order (ref §2.4): no ESC, swapHands or pickItem.
+# The IDM's 20 buttons in VPT's Buttons.ALL order (docs/formats.md §2.4): no ESC, swapHands or pickItem.
 VPT_BUTTONS = ("attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop",
                "inventory", *(f"hotbar.{k}" for k in range(1, 10)))
 
-# Contractor key names -> env keys (ref §2.6); keys not listed are ignored.
+# Contractor key names -> env keys (docs/formats.md §2.6); keys not listed are ignored.
 KEYBOARD_BUTTON_MAPPING = {
     "key.keyboard.escape": "ESC", "key.keyboard.s": "back", "key.keyboard.q": "drop",
     "key.keyboard.w": "forward", **{f"key.keyboard.{k}": f"hotbar.{k}" for k in range(1, 10)},
@@ -96,7 +96,7 @@ KEYBOARD_BUTTON_MAPPING = {
 MOUSE_BUTTON_MAPPING = {0: "attack", 1: "use", 2: "pickItem"}
 CAMERA_SCALER = 360.0 / 2400.0  # degrees per mouse count (0.15)
 
-# MineWorld's conflict clearing, checked in this order; both keys of a pressed pair are released (ref §1.7).
+# MineWorld's conflict clearing, checked in this order; both keys of a pressed pair are released (docs/formats.md §1.7).
 MINEWORLD_CONFLICTS = (("forward", "back"), ("left", "right"), ("jump", "sneak"), ("sprint", "sneak"),
                        ("attack", "use"))
 
@@ -107,14 +107,14 @@ def noop_action() -> dict:
 
 
 def contractor_to_env(line: dict, mineworld: bool = False, truncate_camera: bool = True) -> tuple[dict, bool]:
-    """One contractor jsonl line -> (env action, is_null), as VPT's json_action_to_env_action (ref §2.6).
+    """One contractor jsonl line -> (env action, is_null), as VPT's json_action_to_env_action (docs/formats.md §2.6).
 
     camera = [dy, dx] * 0.15 deg. VPT stores it in an int64 array, so by default it is truncated toward
     zero to whole degrees (1.5 -> 1, -0.99 -> 0); keep that for bit-exact agreement with VPT/MineWorld,
     set truncate_camera=False for the true angle. The camera is not clipped. is_null is True when no
     mapped key, mouse button (0/1/2) or mouse motion is present (a non-zero dx/dy counts even when the
     truncated camera is 0). mineworld=True adds MineWorld's conflict clearing (pairs in
-    MINEWORLD_CONFLICTS) and marks inventory/ESC steps as null (ref §1.7).
+    MINEWORLD_CONFLICTS) and marks inventory/ESC steps as null (docs/formats.md §1.7).
     """
     action, is_null = noop_action(), True  # null until a mapped key, mouse button or motion shows up
     # Keys held on this tick; unmapped keys (t, tab, left.alt, ...) are ignored.
@@ -128,7 +128,7 @@ def contractor_to_env(line: dict, mineworld: bool = False, truncate_camera: bool
         camera = [float(int(v)) for v in camera]  # int() truncates toward zero, like the int64 store
     action["camera"] = [float(v) + 0.0 for v in camera]  # + 0.0 turns -0.0 into 0.0
     # Motion counts even when truncation left the camera at [0, 0]. VPT's |camera| > 180 reset runs only
-    # when dx = dy = 0, so it never changes anything and is omitted (ref §2.6).
+    # when dx = dy = 0, so it never changes anything and is omitted (docs/formats.md §2.6).
     if mouse["dx"] != 0 or mouse["dy"] != 0:
         is_null = False
     # Mouse buttons held: 0 = left (attack), 1 = right (use), 2 = middle (pickItem).
@@ -184,7 +184,7 @@ def vpt_dataloader_actions(lines: list[dict]) -> list[tuple[int, dict]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Camera quantizers: mu-law, then uniform bins (ref §2.4 for VPT, §1.5 for MineWorld)
+# Camera quantizers: mu-law, then uniform bins (docs/formats.md §2.4 for VPT, §1.5 for MineWorld)
 
 VPT_CAMERA = dict(maxval=10, binsize=2, mu=10)  # 11 bins, bin 5 = no motion (the IDM's camera head)
 MINEWORLD_CAMERA = dict(maxval=90, binsize=9, mu=11.4887)  # 21 bins, bin 10 = no motion (action tokens)
@@ -210,7 +210,7 @@ def bins_to_camera(bins, maxval: float = 10, binsize: float = 2, mu: float = 10)
 
 
 # ----------------------------------------------------------------------------------------------
-# MineWorld action tokens: 11 per action (ref §1.5, checklist 4)
+# MineWorld action tokens: 11 per action (docs/formats.md §1.5)
 
 # Raw ids 0..67 in MineWorld's Buttons.ALL order; the model adds `offset` (8192, after the VQ codes).
 MINEWORLD_ACTION_VOCAB = {
@@ -250,11 +250,11 @@ def action_to_tokens(action: dict, offset: int = 8192, camera_tokens: str = "min
         pressed_a, pressed_b = bool(action[a]), bool(b and action[b])
         tokens.append(v[a] if pressed_a and not pressed_b else v[b] if pressed_b and not pressed_a else null)
     tokens.append(v["<act_eos>"])  # slot 10
-    return [t + offset for t in tokens]  # ids 8192..8259 with the default offset (ref checklist 4)
+    return [t + offset for t in tokens]  # ids 8192..8259 with the default offset (docs/formats.md §1.5)
 
 
 # ----------------------------------------------------------------------------------------------
-# Arrays and the 9 evaluation groups (paper App. A.1 Table 3; MineWorld metrics/IDM, ref §1.8)
+# Arrays and the 9 evaluation groups (paper App. A.1 Table 3; MineWorld metrics/IDM, docs/formats.md §1.8)
 
 GROUP_NAMES = ("forward_back", "left_right", "sprint_sneak", "use", "attack", "jump", "drop",
                "camera_pitch", "camera_yaw")
@@ -308,9 +308,9 @@ def gui_from_actions(actions: list[dict]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Clip I/O in MineWorld's validation layout (ref §1.7): clip_<N>.mp4 + clip_<N>.jsonl
+# Clip I/O in MineWorld's validation layout (docs/formats.md §1.7): clip_<N>.mp4 + clip_<N>.jsonl
 #
-# Clip convention (DESIGN.md). A clip is frames x_0..x_{T-1} and jsonl lines a_0..a_{T-1} where a_t
+# Clip convention (docs/conventions.md §1.1, §1.2). A clip is frames x_0..x_{T-1} and jsonl lines a_0..a_{T-1} where a_t
 # is the action that produced frame x_t from x_{t-1}: line 0 precedes the clip and is never scored
 # (rewards and metrics use t = 1..T-1). This is how MineWorld's validation files are stored.
 # VPT contractor recordings store line i with frame i: the input pressed while frame i was shown,
@@ -501,7 +501,7 @@ def _clip_number(path: Path) -> int:
 
 def read_mineworld_folder(folder: str | Path, cfg: DataConfig,
                           skips: SkipReport) -> Iterator[tuple[np.ndarray, list[dict], np.ndarray]]:
-    """clip_<N>.mp4 + clip_<N>.jsonl in integer order of N (ref §1.7) -> filtered clips.
+    """clip_<N>.mp4 + clip_<N>.jsonl in integer order of N (docs/formats.md §1.7) -> filtered clips.
 
     Unreadable videos, bad jsonl, length mismatches and clips shorter than clip_len are skipped and
     counted in `skips`; a longer clip is windowed like a recording.
@@ -519,7 +519,7 @@ def read_mineworld_folder(folder: str | Path, cfg: DataConfig,
 
 def read_contractor_recording(mp4_path: str | Path, jsonl_path: str | Path, cfg: DataConfig
                               ) -> tuple[np.ndarray, list[dict], np.ndarray]:
-    """One VPT recording (640x360 mp4, one contractor line per frame, ref §2.6) in the clip convention.
+    """One VPT recording (640x360 mp4, one contractor line per frame, docs/formats.md §2.6) in the clip convention.
 
     Actions use VPT's data-loader rules (attack stuck, hotbar field) but keep null steps, so frames stay
     contiguous. They are shifted by one (a_t = line t-1, a_0 = no-op; see the clip-convention block).
@@ -566,7 +566,7 @@ def read_contractor(source: str | Path, cfg: DataConfig,
     folder of <name>.mp4 + <name>.jsonl pairs."""
     source = Path(source)
     if source.suffix == ".json":
-        # A bad index is a configuration error, not a bad clip: fail fast (DESIGN.md).
+        # A bad index is a configuration error, not a bad clip: fail fast (docs/conventions.md §7.2).
         try:
             index = json.loads(source.read_text())
             basedir = source.parent / index["basedir"]  # an absolute basedir replaces source.parent

@@ -1,7 +1,7 @@
 """The evaluation protocol of the paper (§5.1, Appendix A.1): one context frame x0 and 15 actions go in,
 a 16-frame video comes out, and the video is scored for action following and visual quality.
 
-Action following is MineWorld's metric code (reference `mineworld_vpt_formats.md` §1.8, cited "ref §1.8"):
+Action following is MineWorld's metric code (docs/formats.md §1.8):
 an IDM reads the video, its frame-t prediction is compared with a_t for t = 1..15, labels are pooled over
 all frames of all clips per task, sklearn-style precision / recall / F1 (macro and micro) are computed per
 task and averaged over the 7 discrete tasks of Table 3; the camera is compared in VPT's 11 bins. It is
@@ -53,7 +53,7 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Action following (paper App. A.1 Table 3; MineWorld metrics/IDM, ref §1.8)
+# Action following (paper App. A.1 Table 3; MineWorld metrics/IDM, docs/formats.md §1.8)
 
 def classification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """sklearn's precision_recall_fscore_support(average="macro" / "micro", zero_division=0) in numpy.
@@ -122,7 +122,7 @@ def idm_read(model: idm_lib.IDM, frames: torch.Tensor) -> tuple[np.ndarray, torc
 
 
 # ----------------------------------------------------------------------------------------------
-# Visual quality: PSNR, SSIM, LPIPS on frames 1..15 in [0, 1] (ref §1.8)
+# Visual quality: PSNR, SSIM, LPIPS on frames 1..15 in [0, 1] (docs/formats.md §1.8)
 
 def psnr(gen: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per frame, on values in [0, 1]: 10 log10(1 / MSE). Frames [..., H, W, 3] -> [...].
@@ -236,7 +236,7 @@ def fvd_from_features(gen: np.ndarray, gt: np.ndarray) -> float:
     return frechet_distance(gen.mean(0), cov_gen, gt.mean(0), cov_gt)
 
 
-I3D_PREFIXES = tuple(range(10, 16))  # MineWorld reports the mean FVD over prefixes of 10..15 frames (ref §1.8)
+I3D_PREFIXES = tuple(range(10, 16))  # MineWorld: the mean FVD over prefixes of 10..15 frames (docs/formats.md §1.8)
 
 
 def i3d_preprocess(frames: torch.Tensor) -> torch.Tensor:
@@ -354,7 +354,7 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     for prefix, pred in (("", pred_r), ("judge_", pred_j)):
         row.update({prefix + k: v for k, v in action_following(pred, true_a).items()})
     # How often the reward and judge IDMs read the same 7 discrete groups off a frame: GRPO can only amplify
-    # the part of the reward the judge also sees (DESIGN.md, the embedded experiment)
+    # the part of the reward the judge also sees (docs/conventions.md §8.1)
     g = data.N_DISCRETE_GROUPS
     row["idm_agreement"] = float((pred_r[..., :g] == pred_j[..., :g]).all(-1).mean())
     # Judge F1 along the clip, frames 1-5, 6-10, 11-15: a fall means errors compound over the rollout
@@ -409,7 +409,8 @@ def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: lis
     """The recon row: the ground-truth clips through the world model's tokenizer round trip, scored like a
     generated row against the raw GT. `roundtrip(frames uint8 [B, 16, H, W, 3]) -> uint8 same shape` (VQ
     encode/decode for AR, AE encode/decode for NFD) sees every frame, x0 included, as every frame the IDM
-    reads has been through the tokenizer. What a perfect world model scores: the reachable bound (DESIGN.md)."""
+    reads has been through the tokenizer. What a perfect world model scores: the reachable bound
+    (docs/conventions.md §8.5)."""
     return evaluate(lambda x0, batch: roundtrip(batch["frames"]), clips, cfg, "recon", scorers)
 
 
@@ -420,7 +421,8 @@ def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], 
     caller controls the noise; returns uint8 [B, 16, H, W, 3] like `evaluate`'s generate), the one with the
     highest `reward_fn(video, batch) -> [B]` (the reward IDM's clip reward, Eq. 3) kept, ties to the first,
     and the kept clips scored as a row (judge IDM etc.). Shows how much judge F1 the reward's pick buys
-    (DESIGN.md). Named best_of_<N> unless `name` is given; `seconds` includes all N samples and rewards."""
+    (docs/conventions.md §8.1). Named best_of_<N> unless `name` is given; `seconds` includes all N samples and
+    rewards."""
     if cfg.best_of < 1:
         raise ValueError(f"eval.best_of must be >= 1 for a best_of row, got {cfg.best_of} (0 = skip the row)")
     name = name or f"best_of_{cfg.best_of}"

@@ -4,9 +4,9 @@ The IDM is VPT's `InverseActionNet` + `pi_head` (Baker et al. 2022), rebuilt as 
 VPT's parameter names, so the released `4x_idm.model` / `4x_idm.weights` load into it unchanged
 (`load_vpt`). The same class at small width is the embedded IDM trained on our toy world (`IDMConfig`,
 `idm_loss`, `save` / `load`). Every quirk of the released forward pass is kept and marked below; the
-numbers are checked against `fixtures/vpt_idm_small` (reference doc: `mineworld_vpt_formats.md` §2).
+numbers are checked against outputs of VPT's own code (tests/test_idm.py; the facts: docs/formats.md §2).
 
-Clip convention (DESIGN.md): frames x0..x15 and actions a1..a15, a_t turns x_{t-1} into x_t. The IDM
+Clip convention (docs/conventions.md §1.1): frames x0..x15 and actions a1..a15, a_t turns x_{t-1} into x_t. The IDM
 sees all 16 frames at once and its prediction for frame t is compared with a_t, for t = 1..15.
 """
 import copy
@@ -24,7 +24,7 @@ from einops import rearrange
 import data
 from runtime import ConfigError, UsageError, read_checkpoint
 
-# VPT's `Buttons.ALL`: the order of the 20 binary button heads (reference doc §2.4).
+# VPT's `Buttons.ALL`: the order of the 20 binary button heads (docs/formats.md §2.4).
 BUTTONS = ("attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop",
            "inventory", *(f"hotbar.{i}" for i in range(1, 10)))
 N_CAMERA_BINS = 11  # VPT mu-law camera bins per axis (max 10 deg, binsize 2, mu 10); bin 5 = no move
@@ -83,7 +83,7 @@ def vpt_kwargs(cfg: IDMConfig) -> tuple[dict, float]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading VPT's `.model` file: a pickle that must hold only plain containers (DESIGN.md, Checkpoints).
+# Reading VPT's `.model` file: a pickle that must hold only plain containers (docs/conventions.md §6).
 
 class _PlainUnpickler(pickle.Unpickler):
     """Unpickler that refuses every global lookup. Without `find_class` no callable can reach the stack,
@@ -102,7 +102,7 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def read_model_file(path: str) -> tuple[dict, float]:
     """Read a VPT `.model` pickle -> (net kwargs, temperature). The loader reads only
-    ["model"]["args"]["net"]["args"] and ["model"]["args"]["pi_head_opts"]["temperature"] (reference doc §2.1)."""
+    ["model"]["args"]["net"]["args"] and ["model"]["args"]["pi_head_opts"]["temperature"] (docs/formats.md §2.1)."""
 
     try:
         with open(path, "rb") as f:
@@ -159,11 +159,11 @@ def _check_net_args(a: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layers. Module nesting mirrors VPT's so that state-dict keys match `4x_idm.weights` (§2.3).
+# Layers. Module nesting mirrors VPT's so that state-dict keys match `4x_idm.weights` (docs/formats.md §2.3).
 
 class FanInLayer(nn.Module):
     """VPT's FanInInitReLULayer: norm -> conv/linear -> ReLU. The norm comes *before* the layer, and the
-    layer has a bias only when there is no norm (fixture README, 'Quirks')."""
+    layer has a bias only when there is no norm (docs/formats.md §2.2, step 4)."""
 
     def __init__(self, layer: nn.Module, norm: nn.Module | None = None, relu: bool = True):
         super().__init__()
@@ -185,7 +185,8 @@ def _dense(din: int, dout: int, relu: bool = True) -> FanInLayer:  # LayerNorm -
 
 
 class CnnDownStack(nn.Module):
-    """One ImpalaCNN stage (§2.2 step 4): firstconv, maxpool 3/2 pad 1, GroupNorm `n`, 2 residual blocks."""
+    """One ImpalaCNN stage (docs/formats.md §2.2, step 4): firstconv, maxpool 3/2 pad 1, GroupNorm `n`,
+    2 residual blocks."""
 
     def __init__(self, cin: int, cout: int, groups: int, post_pool_groups: int | None):
         super().__init__()
@@ -205,7 +206,8 @@ class CnnDownStack(nn.Module):
 
 
 class ImpalaCNN(nn.Module):
-    """3 down-stacks, flatten in (C, H, W) order, LayerNorm -> Linear(no bias) -> ReLU to 256 (§2.2 step 4)."""
+    """3 down-stacks, flatten in (C, H, W) order, LayerNorm -> Linear(no bias) -> ReLU to 256
+    (docs/formats.md §2.2, step 4)."""
 
     def __init__(self, img_shape: list, chans: tuple, groups: int, post_pool_groups: int | None):
         super().__init__()
@@ -225,7 +227,7 @@ class ImpalaCNN(nn.Module):
 
 class SelfAttention(nn.Module):
     """VPT's `SelfAttentionLayer` (xf.py) as run by the IDM: no mask, empty memory, muP scale 1/head_dim,
-    and the residual added to its *input*, which is already pre_r_ln(x) (fixture README, 'Quirks')."""
+    and the residual added to its *input*, which is already pre_r_ln(x) (docs/formats.md §2.2, step 6)."""
 
     def __init__(self, hidsize: int, heads: int, maxlen: int):
         super().__init__()
@@ -297,7 +299,8 @@ class InverseActionNet(nn.Module):
 
 def to_net_input(frames, size: tuple[int, int]) -> torch.Tensor:
     """uint8 RGB [B, T, H, W, 3] (numpy or torch) -> uint8 torch [B, T, h, w, 3], squashed to size = (h, w)
-    with `data.resize_frames` (cv2 INTER_LINEAR-like, aspect not kept; §2.2 step 1). Same size: unchanged."""
+    with `data.resize_frames` (cv2 INTER_LINEAR-like, aspect not kept; docs/formats.md §2.2, step 1).
+    Same size: unchanged."""
     if isinstance(frames, np.ndarray):
         frames = torch.from_numpy(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
@@ -305,7 +308,7 @@ def to_net_input(frames, size: tuple[int, int]) -> torch.Tensor:
                          f"{tuple(frames.shape)}. Convert with (x * 255).round().clamp(0, 255).to(torch.uint8).")
     B, _, H, W, _ = frames.shape
     h, w = size
-    if (H, W) == (h, w):  # cv2.resize to the same size is an exact identity (fixture README, step 1)
+    if (H, W) == (h, w):  # cv2.resize to the same size is an exact identity (docs/formats.md §2.2, step 1)
         return frames
     # The resizer is numpy; frames coming from a GPU rollout make one round trip through host memory.
     small = data.resize_frames(rearrange(frames, "b t h w c -> (b t) h w c").cpu().numpy(), h, w)  # [B*T, h, w, 3]

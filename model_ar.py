@@ -1,8 +1,8 @@
-"""MineWorld-style autoregressive world model (paper §4.2; reference/mineworld_vpt_formats.md §1).
+"""MineWorld-style autoregressive world model (paper §4.2; docs/formats.md §1).
 
 A Llama transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU) reads one flat token sequence per
 clip. Each frame contributes its VQ image tokens in raster order, followed by the 11 tokens of the action
-that produces the next frame (Eq. 4; ref §1.5):
+that produces the next frame (Eq. 4; docs/formats.md §1.5):
 
     img_0  act(a_1)  img_1  act(a_2)  ...  img_14  act(a_15)  img_15
 
@@ -26,7 +26,7 @@ from einops import rearrange
 
 from runtime import ConfigError, UsageError, read_checkpoint
 
-ACTION_VOCAB = 68  # action ids n_codes .. n_codes+67: 65 keys/camera bins, <act_bos>, <null_act>, <act_eos> (§1.5)
+ACTION_VOCAB = 68  # ids n_codes..n_codes+67: 65 keys/camera bins, bos, null, eos (docs/formats.md §1.5)
 MINEWORLD_HINT = ("MineWorld's weights are on the ModelScope mirror modelscope.cn/models/AI-ModelScope/mineworld "
                   "(the HF repo is offline, mineworld issue #18)")
 
@@ -48,7 +48,7 @@ class ARConfig:
     rms_eps: float = 1e-5  # RMSNorm epsilon
     frames: int = 16  # frames per clip: 1 given + 15 generated
     image_tokens: int = 64  # VQ tokens per frame = grid rows × cols (toy 8×8; MineWorld 14×24 = 336)
-    action_tokens: int = 11  # tokens per action (ref §1.5)
+    action_tokens: int = 11  # tokens per action (docs/formats.md §1.5)
     temperature: float = 1.0  # softmax temperature of training rollouts (> 0)
     top_p: float = 1.0  # nucleus mass of training rollouts, in (0, 1]; 1.0 = sample the full distribution
     eval_temperature: float = 1.0  # temperature for evaluation (MineWorld's eval setting: 1.0)
@@ -85,7 +85,7 @@ class VQConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sequence layout (ref §1.5). Clip convention: action_tokens[:, t] holds the tokens of a_t, the action that
+# Sequence layout (docs/formats.md §1.5). Clip convention: action_tokens[:, t] holds the tokens of a_t, the action that
 # turns x_{t-1} into x_t, so row 0 is unused (frame 0 is given) and row t+1 follows image t.
 
 
@@ -105,7 +105,7 @@ def generated_positions(cfg: ARConfig, device=None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Llama transformer (ref §1.3). Module tree and names = HF LlamaForCausalLM: model.embed_tokens,
+# Llama transformer (docs/formats.md §1.3). Module tree and names = HF LlamaForCausalLM: model.embed_tokens,
 # model.layers.{i}.{self_attn,mlp,input_layernorm,post_attention_layernorm}, model.norm, lm_head.
 
 
@@ -241,7 +241,7 @@ def new_cache(transformer: Transformer, batch: int, length: int) -> list[tuple[t
 
 
 # ----------------------------------------------------------------------------------------------------------
-# VQ tokenizer (ref §1.4). The toy VQ-VAE has the same submodule names as diffusers' VQModel (encoder,
+# VQ tokenizer (docs/formats.md §1.4). The toy VQ-VAE has the same submodule names as diffusers' VQModel (encoder,
 # quant_conv, quantize.embedding, post_quant_conv, decoder), so one encode/decode path serves both.
 
 
@@ -366,7 +366,7 @@ def load_mineworld_vae(config_json: str, ckpt: str) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# World model and checkpoints (ref §1.3)
+# World model and checkpoints (docs/formats.md §1.3)
 
 
 class WorldModel(nn.Module):
@@ -458,7 +458,7 @@ def build_world_model(ar: ARConfig, vq: VQConfig) -> WorldModel:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling (ref §1.6), rollout, log-probs, pretraining loss
+# Sampling (docs/formats.md §1.6), rollout, log-probs, pretraining loss
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -582,7 +582,7 @@ def generate(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, t
 def finish_rollout(model: WorldModel, tokens: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor,
                    temperature: float) -> Rollout:
     """The Rollout of a filled clip sequence tokens [B, L]: every frame's image tokens decoded, frame 0 too, so
-    every frame the IDM reads shows the tokenizer's view (DESIGN.md), and the frame of each entry."""
+    every frame the IDM reads shows the tokenizer's view (docs/conventions.md §8.4), and the frame of each entry."""
     cfg, n = model.cfg, model.cfg.image_tokens
     gen = generated_positions(cfg, tokens.device)  # [L]
     ids = torch.cat([tokens[:, :n], tokens[:, gen]], dim=1)  # [B, F·N]: img_0, then the generated images

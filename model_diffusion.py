@@ -1,6 +1,6 @@
 """NFD-style next-frame diffusion world model (paper §4.3, App. A.2 Table 5) and its frame tokenizer.
 
-NFD's code and weights are not public (reference/mineworld_vpt_formats.md §3); this is a
+NFD's code and weights are not public (docs/formats.md §3); this is a
 reconstruction from what RLIR and NFD state:
   - a small continuous autoencoder turns each frame into a grid of N latent tokens with C channels;
   - DiT blocks (Peebles & Xie 2023) with adaLN-Zero conditioning on (timestep embedding + action
@@ -9,9 +9,9 @@ reconstruction from what RLIR and NFD state:
     vectors");
   - block-wise causal attention: bidirectional inside a frame, causal across frames (App. A.2);
   - flow matching with independent noise levels per frame (Diffusion Forcing) and slightly noised
-    context frames (ref grpo_and_sde_math.md §5.1–5.2).
+    context frames (docs/conventions.md §2.2).
 
-Flow time (DESIGN.md): t = 1 is noise, t = 0 is data, x_t = (1 − t)·x0 + t·ε, the network predicts
+Flow time (docs/conventions.md §2.1): t = 1 is noise, t = 0 is data, x_t = (1 − t)·x0 + t·ε, the network predicts
 v ≈ ε − x0; sampling runs 1 = t_0 > … > t_K = 0, so dt < 0. The GRPO policy is the SDE of
 sde_sampler.py applied per frame (§4.3, Eq. 5); log-probs are per (frame, step) transition, reduced
 over the latent elements with sde.logprob_reduce ("mean" by default; see sde_sampler.py on clip ranges).
@@ -38,7 +38,7 @@ from einops import rearrange
 import sde_sampler as sde
 from runtime import ConfigError, UsageError, read_checkpoint
 
-ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (reference/mineworld_vpt_formats.md §1.5)
+ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (docs/formats.md §1.5)
 N_ACTION_IDS = 68  # raw ids 0..67: 23 buttons/hotbar keys, 2×21 camera bins, <act_bos>, <null_act>, <act_eos>
 
 
@@ -183,7 +183,7 @@ def block_causal_mask(n_frames: int, n_tok: int, device=None) -> torch.Tensor:
 
 def replay_mask(n_noisy: int, n_tok: int, device=None) -> torch.Tensor:
     """Bool [n·N, 2·n·N] for queries = noisy frames 1..n over keys [clean frames 0..n−1 | noisy 1..n]:
-    noisy frame f sees clean frames 0..f−1 and itself, never another noisy frame (DESIGN.md)."""
+    noisy frame f sees clean frames 0..f−1 and itself, never another noisy frame (docs/conventions.md §5.2)."""
     q = torch.arange(n_noisy, device=device).repeat_interleave(n_tok)  # [L]  query p is frame p + 1
     return torch.cat([q[:, None] >= q[None, :], q[:, None] == q[None, :]], dim=1)  # [L, 2L]
 
@@ -349,7 +349,7 @@ def noisy_velocity(model: NFD, ctx: list, noisy: torch.Tensor, t_noisy: torch.Te
 
 def fm_loss(model: NFD, frames: torch.Tensor, action_tokens: torch.Tensor,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Flow-matching loss with Diffusion Forcing noise (ref §5.1) on a clip.
+    """Flow-matching loss with Diffusion Forcing noise (docs/conventions.md §2.2) on a clip.
 
     frames uint8 [B, F, H, W, 3], action_tokens [B, F, 11]. Every target frame f = 1..F−1 gets its own
     t_f ~ U(0, 1); its context is the clip's own frames 0..f−1, noised to t ~ U(0, nfd.context_noise)
@@ -375,7 +375,7 @@ def fm_loss(model: NFD, frames: torch.Tensor, action_tokens: torch.Tensor,
 
 
 # -----------------------------------------------------------------------------
-# GRPO rollout with a KV cache over clean context frames (§4.3, Eq. 5; ref §5.2, §7(C)–(F), (H))
+# GRPO rollout with a KV cache over clean context frames (§4.3, Eq. 5; docs/conventions.md §3.1–§3.5)
 
 
 @dataclass
@@ -450,7 +450,8 @@ def generate(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, solve) -
 
 def decode_clip(model: NFD, latents: torch.Tensor) -> torch.Tensor:
     """Latents of frames 0..F−1 [B, F, N, C] -> the clip uint8 [B, F, H, W, 3]. Frame 0 is x0's encoding
-    decoded again: every frame the IDM reads shows the tokenizer's view, the context frame included (DESIGN.md)."""
+    decoded again: every frame the IDM reads shows the tokenizer's view, the context frame included
+    (docs/conventions.md §8.4)."""
     return rearrange(model.ae.decode(latents.flatten(0, 1)), "(b f) h w c -> b f h w c", b=latents.shape[0])
 
 
@@ -518,9 +519,10 @@ def transition_means(model: NFD, ro: Rollout):
 def log_probs(model: NFD, ro: Rollout, cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differentiable log π_θ of the stored transitions [B, (F−1)·K], 0 where ro.mask is 0, reduced over the
     latent elements with cfg.sde.logprob_reduce; and, if ro.ref holds π_ref's means, the closed-form KL of
-    each transition to π_ref with the same reduction, (μ_θ − μ_ref)² / (2 s_k²) per element (ref §7(G)), so
-    grpo.beta weighs a per-element KL as it weighs AR's per-token one. Replay sees the same context, times
-    and states as the rollout, so on the first pass it returns ro.logp (fp32: to ~1e-5, ratio 1)."""
+    each transition to π_ref with the same reduction, (μ_θ − μ_ref)² / (2 s_k²) per element
+    (docs/conventions.md §3.3), so grpo.beta weighs a per-element KL as it weighs AR's per-token one. Replay
+    sees the same context, times and states as the rollout, so on the first pass it returns ro.logp
+    (fp32: to ~1e-5, ratio 1)."""
     B, n, K = ro.traj.shape[0], ro.traj.shape[1], ro.ts.shape[0] - 1
     red, zero = cfg.sde.logprob_reduce, ro.latents.new_zeros(B, n)  # [B, F-1]
     lp, kl = [zero] * K, [zero] * K  # K × [B, F-1]; steps no row trains stay 0

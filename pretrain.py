@@ -20,7 +20,7 @@ World-model checkpoints are stored in fp16 (small files; loaders cast to the mod
 
 The reward IDM scores rollouts during RL; the judge IDM is trained the same way on disjoint worlds
 (another seed) and only ever evaluates, so reward hacking of the reward IDM shows up as a gap between
-the two (DESIGN.md, "Go beyond").
+the two (docs/conventions.md §8.1).
 """
 import dataclasses
 import json
@@ -192,7 +192,7 @@ def train_idm(cfg: Config, device: torch.device) -> None:
     @torch.no_grad()
     def augment(frames: torch.Tensor) -> torch.Tensor:
         """A fraction pretrain.roundtrip of the clips through one of the tokenizers (each equally likely): the
-        IDM learns to read the world models' view of a frame as it reads the frame (DESIGN.md)."""
+        IDM learns to read the world models' view of a frame as it reads the frame (docs/conventions.md §8.4)."""
         pick = torch.rand(len(frames), generator=gen) < p_trip  # [B]
         which = torch.randint(len(trips), (len(frames),), generator=gen)  # [B]
         frames = frames.clone()

@@ -1,7 +1,7 @@
 """Flow ODE → marginal-preserving SDE for GRPO on flow-matching world models (paper §4.3),
 per-transition Gaussian log-probs, timestep selection τ, and deterministic evaluation samplers.
 
-Conventions (DESIGN.md "Flow time", reference/grpo_and_sde_math.md §0, §1.1, §7):
+Conventions (docs/conventions.md §2.1, §3.2):
   - t = 1 is noise, t = 0 is data: x_t = (1 − t)·x0 + t·ε, and the network predicts v ≈ ε − x0.
   - The grid runs 1 = t_0 > t_1 > … > t_K = 0. Step k goes t_k → t_{k+1} with h_k = t_k − t_{k+1} > 0,
     so the ODE time increment dt = t_{k+1} − t_k = −h_k is NEGATIVE: Euler is x ← x + dt·v = x − h·v.
@@ -34,7 +34,7 @@ class SDEConfig:
     # unused): every difference within a group then comes from noise the loss credits (Flow-GRPO-Fast's few SDE
     # steps, early, where a frame's layout is decided); 0 = noise on every step (the paper)
     window: int = 0
-    same_noise: bool = False  # all G rollouts of a group start from the same x_1 (DanceGRPO video; ref §2.4)
+    same_noise: bool = False  # all G rollouts of a group start from one x_1 (DanceGRPO; docs/conventions.md §3.5)
     eval_steps: int = 18  # deterministic evaluation steps (paper §5.1: DPM-Solver++, 18 steps)
     eval_solver: Literal["dpm2m", "euler"] = "dpm2m"  # evaluation sampler: "dpm2m" (DPM-Solver++ 2M) | "euler"
 
@@ -43,11 +43,11 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v_fn(x [B, 
 
 
 # -----------------------------------------------------------------------------
-# Time grid and diffusion coefficient g_k (ref §7(C))
+# Time grid and diffusion coefficient g_k (docs/conventions.md §3.1)
 
 
 def timesteps(K: int, shift: float = 1.0) -> torch.Tensor:
-    """The grid 1 = t_0 > … > t_K = 0 as float32 [K+1], uniform in s then shifted (ref §2.1)."""
+    """The grid 1 = t_0 > … > t_K = 0 as float32 [K+1], uniform in s then shifted (docs/conventions.md §3.1)."""
     if K < 1:
         raise ValueError(f"need at least one step, got K={K}")
     if shift <= 0:
@@ -58,7 +58,7 @@ def timesteps(K: int, shift: float = 1.0) -> torch.Tensor:
 
 
 def diffusion_coeff(ts: torch.Tensor, cfg: SDEConfig) -> torch.Tensor:
-    """g_k for the K steps of grid ts [K+1] -> [K] float32 (ref §1.3 and §2.1)."""
+    """g_k for the K steps of grid ts [K+1] -> [K] float32 (docs/conventions.md §3.1)."""
     t = ts[:-1].double()  # [K]  start time of each step
     if cfg.schedule == "flow":
         # g = a·sqrt(t / (1 − t̃)), t̃ = t except t̃_0 = t_1 when t_0 = 1 (avoids 1/0; Flow-GRPO's sigma_max)
@@ -83,13 +83,13 @@ def _bcast(a: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# One SDE transition and its Gaussian log-density (ref §7(C), (D), (G))
+# One SDE transition and its Gaussian log-density (docs/conventions.md §3.1–§3.3)
 
 
 def sde_step(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, t_next: float | torch.Tensor,
              g: float | torch.Tensor, noise: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t → x_{t_next} by Euler–Maruyama on the marginal-preserving reverse SDE (ref §1.2–1.3):
+    """x_t → x_{t_next} by Euler–Maruyama on the marginal-preserving reverse SDE (docs/conventions.md §3.1):
 
       dx = [v + g²/(2t)·(x + (1 − t)·v)] dt + g dw̄,   dt = −h < 0.
 
@@ -100,8 +100,8 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, t_next: 
     x, v = x.float(), v.float()  # [B, ...]
     t, t_next, g = _bcast(t, x), _bcast(t_next, x), _bcast(g, x)
     h = t - t_next  # h_k > 0
-    eps_hat = x + (1.0 - t) * v  # [B, ...]  ε̂ = x + (1 − t)·v (ref §1.1)
-    mean = x - h * (v + g ** 2 / (2.0 * t) * eps_hat)  # [B, ...]  μ_θ, ref §7(C)
+    eps_hat = x + (1.0 - t) * v  # [B, ...]  ε̂ = x + (1 − t)·v (docs/conventions.md §2.1)
+    mean = x - h * (v + g ** 2 / (2.0 * t) * eps_hat)  # [B, ...]  μ_θ, docs/conventions.md §3.1
     std = g * torch.sqrt(h)  # s_k = g_k·sqrt(h_k)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device)  # [B, ...]
@@ -123,7 +123,7 @@ def _reduce(e: torch.Tensor, reduce: str, batch_dims: int) -> torch.Tensor:
 
 def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor, reduce: str = "mean",
              batch_dims: int = 1) -> torch.Tensor:
-    """log N(x_next; mean, std²) per element in float32, reduced over the latent dims (ref §7(D)).
+    """log N(x_next; mean, std²) per element in float32, reduced over the latent dims (docs/conventions.md §3.2).
 
     The leading `batch_dims` dims are kept (e.g. 1 for [B, C, H, W] -> [B]; 2 for [B, F, C, H, W]
     -> [B, F]); all trailing dims are the latent and are averaged ("mean") or summed ("sum").
@@ -139,14 +139,14 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor
 def kl_to_ref(mean: torch.Tensor, mean_ref: torch.Tensor, std: float | torch.Tensor, reduce: str = "mean",
               batch_dims: int = 1) -> torch.Tensor:
     """KL(N(mean, std²) ‖ N(mean_ref, std²)) = (μ − μ_ref)² / (2 std²) per element, reduced like
-    log_prob (ref §7(G)); equals (h/2)·(g(1−t)/(2t) + 1/g)²·(v − v_ref)² for two sde_step means."""
+    log_prob (docs/conventions.md §3.3); equals (h/2)·(g(1−t)/(2t) + 1/g)²·(v − v_ref)² for two sde_step means."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
     elem = (mean.float() - mean_ref.detach().float()) ** 2 / (2.0 * std ** 2)  # [B, ...]
     return _reduce(elem, reduce, batch_dims)
 
 
 # -----------------------------------------------------------------------------
-# Timestep selection τ (ref §2.3 and §7(F))
+# Timestep selection τ (docs/conventions.md §3.4)
 
 
 def select_steps(n: int, K: int, tau: float, generator: torch.Generator | None = None,
@@ -194,7 +194,7 @@ def _lam(t: float) -> float:
 
 
 def dpm_solver_2m(v_fn: VelocityFn, x1: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M) for rectified flow (ref §5.3), the paper's evaluation sampler (§5.1).
+    """DPM-Solver++(2M) for rectified flow (docs/conventions.md §3.6), the paper's evaluation sampler (§5.1).
 
     α_t = 1 − t, σ_t = t, λ_t = log(α_t/σ_t), data prediction D = x − t·v. With these,
     −α_{k+1}(e^{−h_k} − 1) = 1 − t_{k+1}/t_k, so every update reads x ← (t'/t)·x + (1 − t'/t)·D̃.
@@ -252,7 +252,7 @@ def randn(shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
 def initial_noise(n: int, group_size: int, shape: tuple[int, ...], same_noise: bool,
                   generator=None, device=None) -> torch.Tensor:
     """x_1 ~ N(0, I) for n rollouts in consecutive groups of group_size -> [n, *shape]. With
-    same_noise every member of a group starts from the same x_1 (ref §7(H)); the per-step SDE noise
+    same_noise every member of a group starts from the same x_1 (docs/conventions.md §3.5); the per-step SDE noise
     stays independent, so group members still differ. `generator`: one, or one per group (per_group)."""
     if group_size < 1 or n % group_size != 0:
         raise ValueError(f"{n} rollouts cannot be split into groups of {group_size}")

@@ -1,6 +1,6 @@
 """What the action tokens determine: with camera_tokens="vpt" every scored group (data.action_groups, the
 7 discrete tasks and both VPT camera bins) is a function of the tokens of any action minicraft emits;
-MineWorld's 21-bin camera tokens alias VPT bins (DESIGN.md, "The conditioning determines what is scored")."""
+MineWorld's 21-bin camera tokens alias VPT bins (docs/conventions.md §8.2)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for idm.py: parity with VPT's reference IDM (fixtures/vpt_idm_small), the real 4x_idm size,
+"""Tests for idm.py: parity with VPT's reference IDM (its outputs for a small random IDM), the real 4x_idm size,
 safe loading, the loss, the inverse reward (Eq. 3) and the small-IDM save/load round trip."""
 import copy
 import os
@@ -49,7 +49,8 @@ def test_fixture_logprobs_and_argmax(per_clip, fixture_io):
     ("impala", "impala_out")])
 def test_fixture_intermediates(per_clip, fixture_io, ours, ref):
     # Float32 noise through the conv stack and LayerNorms reaches ~2e-5 on values up to ~7 here; the
-    # fixture README suggests 1e-4. The known wrong variants (raw-x residual, 1/sqrt scale) are off by 1e-2..1.
+    # fixture was published with a suggested 1e-4. The known wrong variants (raw-x residual, 1/sqrt scale) are
+    # off by 1e-2..1.
     np.testing.assert_allclose(per_clip[ours], fixture_io[1][ref], atol=1e-4, rtol=0)
 
 
@@ -132,7 +133,7 @@ def test_state_dict_keys_match_vpt(vpt):
 
 
 def _real_4x_kwargs():
-    """The 4x_idm.model net args (reference doc §2.1)."""
+    """The 4x_idm.model net args (docs/formats.md §2.1)."""
     kwargs, _ = idm.read_model_file(MODEL)
     kwargs = copy.deepcopy(kwargs)
     kwargs.update(attention_heads=32, attention_memory_size=128, hidsize=4096, img_shape=[128, 128, 128],

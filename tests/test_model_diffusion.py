@@ -90,7 +90,7 @@ def test_fresh_model_outputs_zero_and_blocks_are_identity():
 
 
 def test_actions_multi_hot_from_mineworld_tokens():
-    # rows 39 and 5 of shared/fixtures/actions/mineworld_tokens.json (MineWorld's own tokenizer output)
+    # rows 39 and 5 of the parity fixture mineworld_tokens.json (MineWorld's own tokenizer output)
     tokens = torch.tensor([[[8257, 8235, 8249, 8206, 8258, 8196, 8199, 8192, 8198, 8258, 8259],
                             [8257, 8225, 8246, 8258, 8258, 8196, 8258, 8258, 8258, 8258, 8259]]])  # [1, 2, 11]
     hot = actions_multi_hot(tokens)  # [1, 2, 68]

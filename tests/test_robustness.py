@@ -106,7 +106,7 @@ def test_nfd_rollout_of_a_group_does_not_depend_on_the_rank_layout():
         assert torch.equal(part.mask, whole.mask[2 * p:2 * p + 2])
         assert torch.allclose(part.traj, whole.traj[2 * p:2 * p + 2], atol=1e-5)
     assert not torch.equal(whole.traj[0, :, 0], whole.traj[2, :, 0])  # groups start from other noise
-    assert torch.equal(whole.traj[0, :, 0], whole.traj[1, :, 0])       # members share x_1 (ref §7(H))
+    assert torch.equal(whole.traj[0, :, 0], whole.traj[1, :, 0])       # members share x_1 (docs/conventions.md §3.5)
 
 
 def test_generators_must_split_the_batch_into_whole_groups():
