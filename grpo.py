@@ -2,11 +2,11 @@
 surrogate with an optional KL to a reference policy (paper Eq. 2), plus health statistics.
 
 No I/O, no model, no global state: tensors in, tensors and plain-float stats out. One loss serves
-both world models (DESIGN.md "Data flow"):
+both world models (docs/conventions.md §5.2):
   - autoregressive: logp is [N, L] per generated token; the mask drops prompt and action tokens (§4.2);
   - diffusion: logp is [N, L] per (frame, denoising step) transition; the mask keeps the selected
     steps τ (§4.3, sde_sampler.select_steps).
-Formulas: reference/grpo_and_sde_math.md §4 and §7(A), (B), (E), (I).
+Formulas and conventions: docs/conventions.md §4.1-§4.4.
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -19,7 +19,7 @@ class GRPOConfig:
     eps: float = 0.2  # lower clip ε of Eq. 2: ratio clipped at 1 − eps (paper Tables 6/7 "Clip Ratio" 0.2)
     eps_high: float | None = None  # upper clip: ratio clipped at 1 + eps_high; None = eps (DAPO clip-higher: 0.28)
     beta: float = 0.0  # weight of the KL to π_ref (AR: k3); 0 = no reference model (paper Table 8 tries 1e-4)
-    adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL and Flow-GRPO (ref §4.1)
+    adv_eps: float = 1e-4  # added to the std in Eq. 1 (the paper has none); 1e-4 as in TRL, Flow-GRPO
     # advantage scaling: "group" std (Eq. 1) | "batch" std | "none" (Dr. GRPO, mean-centred only)
     scale: Literal["group", "batch", "none"] = "group"
     adv_clip: float | None = 5.0  # clamp advantages to [−adv_clip, adv_clip] (Flow-GRPO/DanceGRPO); None = off
@@ -59,7 +59,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
                          f"skip this step and check the reward model")
     r = rewards.detach().float().view(-1, group_size, *rewards.shape[1:])  # [n_groups, G] or [n_groups, G, T]
     centred = r - r.mean(dim=1, keepdim=True)  # [n_groups, G(, T)]
-    # A group whose rewards are all equal carries no signal (ref §6, TRL frac_reward_zero_std).
+    # A group whose rewards are all equal carries no signal (docs/conventions.md §4.1; TRL frac_reward_zero_std).
     # Test max == min, not std == 0: the float mean of equal values can be 1 ulp off (so centred ≠ 0)
     # while torch's std is exactly 0, which with adv_eps = 0 would give 0/0.
     zero_std = r.amax(dim=1) == r.amin(dim=1)  # [n_groups(, T)]
@@ -72,10 +72,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     elif cfg.scale == "batch":
         adv = centred / (r.std(correction=0) + cfg.adv_eps)  # [n_groups, G(, T)], TRL scale_rewards="batch"
     else:
-        adv = centred  # [n_groups, G(, T)], Dr. GRPO (ref §4.2)
+        adv = centred  # [n_groups, G(, T)], Dr. GRPO (docs/conventions.md §4.1)
     adv = torch.where(zero_std.unsqueeze(1), 0.0, adv)  # [n_groups, G(, T)]  exactly 0 for zero-std groups
     if cfg.adv_clip is not None:
-        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)  # ref §7(A), A_max = 5
+        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)  # A_max = 5 (docs/conventions.md §4.1)
     adv = adv.reshape(rewards.shape)  # [N] or [N, T]
 
     stats = {
@@ -147,13 +147,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     a = adv.detach().float()  # [N, L], or [N] -> [N, 1]: Â_{i,t} = Â_i (Eq. 2)
     a = a[:, None] if a.ndim == 1 else a
 
-    # Eq. 2, negated: −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (ref §7(B))
+    # Eq. 2, negated: −min(ρ·Â, clip(ρ, 1−ε_low, 1+ε_high)·Â)  (docs/conventions.md §4.2)
     surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)  # [N, L]
     per_token = -surrogate  # [N, L]
     if use_kl:
-        per_token = per_token + cfg.beta * torch.where(keep, kl.float(), 0.0)  # [N, L]  ℓ = ℓ^pg + β·KL (ref §7(B))
+        per_token = per_token + cfg.beta * torch.where(keep, kl.float(), 0.0)  # [N, L]  ℓ = ℓ^pg + β·KL
 
-    # Aggregation (ref §4.3 and §7(B)); an all-masked row contributes 0 and divides by 1, not 0.
+    # Aggregation (docs/conventions.md §4.3); an all-masked row contributes 0 and divides by 1, not 0.
     n_seq, max_len = logp.shape
     if cfg.aggregation == "grpo":
         per_seq = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # [N]  (1/|o_i|) Σ_t
@@ -163,7 +163,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     else:
         loss = (per_token * m).sum() / (n_seq * max_len)  # Dr. GRPO: Σ_{i,t} / (N · L_max)
 
-    # Health statistics (ref §7(I)), all detached. clip_frac counts ratios outside the trust region.
+    # Health statistics (docs/conventions.md §4.4), all detached. clip_frac counts ratios outside the trust region.
     with torch.no_grad():
         clipped = ((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)).float()  # [N, L]
         col_count = m.sum(dim=0)  # [L]

@@ -17,7 +17,7 @@ ckpt.pt (atomic; a rerun of the same command resumes from it), results.json (row
 [best_of,] after, and gap: the share of the before-to-recon gap closed) and side_by_side.mp4 (eval.videos
 held-out clips, rows GT | before | after).
 
-The folder is a record that cannot be corrupted (docs/conventions.md §5): nothing is written to it before the
+The folder is a record that cannot be corrupted (docs/conventions.md §6, §7): nothing is written to it before the
 config is checked and the checkpoint loaded; one run at a time holds it; a resume continues the log without
 duplicate steps and refuses a config that changes what the checkpoint means; SIGTERM and Ctrl-C save and exit
 0; a SIGKILL at any moment leaves the last checkpoint loadable; a non-finite step changes nothing and is logged.
@@ -51,10 +51,11 @@ from config import Config, UsageError
 
 
 # ---------------------------------------------------------------------------------------------
-# The world model: model_ar.py or model_diffusion.py behind the same calls: build(cfg),
-# rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg) -> (log-probs [B, L], KL to
-# π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...), roundtrip(model, frames). A Rollout carries
-# frames, logp, mask and frame_of (the frame of each entry); model.action_offset is where action ids start.
+# The world model: model_ar.py or model_diffusion.py behind the same calls (docs/conventions.md §5.2):
+# build(cfg), rollout(model, x0, tokens, cfg, generators) -> Rollout, log_probs(model, ro, cfg) -> (log-probs
+# [B, L], KL to π_ref [B, L] or None), reference(ref, ro, cfg), sample_frames(...), roundtrip(model, frames).
+# A Rollout carries frames, logp, mask and frame_of (the frame of each entry); model.action_offset is where the
+# action token ids start.
 # ---------------------------------------------------------------------------------------------
 def world_model(cfg: Config):
     """(the world model's module, the model built from cfg): the one place the paradigm is chosen."""
@@ -260,7 +261,7 @@ def evaluate_after(api, model, held, cfg: Config, device, scorers, out: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# The run folder (docs/conventions.md §5).
+# The run folder (docs/conventions.md §6, §7).
 # ---------------------------------------------------------------------------------------------
 # Fields a resume may change: where and how fast it runs, how often it saves and reports, and how long it runs
 # (the cosine schedule is a function of (step, rl.steps), so the remaining steps follow the new length). Any
