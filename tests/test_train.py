@@ -9,10 +9,10 @@ import torchvision
 
 import config
 import data
-import evaluate
 import grpo
 import idm as idm_lib
 import model_diffusion
+import pixel_reward
 import train
 from conftest import tiny_args, tiny_cfg
 
@@ -59,7 +59,7 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
 def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     """Eq. 6 with an LPIPS network (random AlexNet weights: no download): -(L1 + LPIPS) per frame."""
     torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alexnet.pt")
-    lp, why = evaluate.load_lpips(str(tmp_path / "alexnet.pt"))
+    lp, why = pixel_reward.load_lpips(str(tmp_path / "alexnet.pt"))
     assert lp is not None, why
     cfg = tiny_cfg(assets, extra=["--rl.reward=pixel"])
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +67,7 @@ def test_pixel_reward_is_minus_l1_plus_lpips_per_frame(assets, tmp_path):
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, lpips_backbone=str(tmp_path / "alexnet.pt")))
     r = train.reward_fn(cfg, "cpu", [])(frames, {"frames": gt})              # [2, 15]
     x, y = frames[:, 1:].float() / 255, gt[:, 1:].float() / 255
-    want = (x - y).abs().mean((2, 3, 4)) + evaluate.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
+    want = (x - y).abs().mean((2, 3, 4)) + pixel_reward.lpips_distance(lp, x.flatten(0, 1), y.flatten(0, 1)).view(2, 15)
     torch.testing.assert_close(r, -want)
     assert (r < -(x - y).abs().mean((2, 3, 4))).all()                        # LPIPS adds a positive term
 
