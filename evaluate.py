@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,27 +30,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from scipy import linalg
 
+import config
 import data
 import idm as idm_lib
 import runtime
+from config import EvalConfig
 from data import DataConfig
 from pixel_reward import load_lpips, lpips_distance  # LPIPS, shared with the pixel reward (Eq. 6)
 from runtime import ConfigError, UsageError
-
-
-@dataclass
-class EvalConfig:
-    clips: int = 256  # held-out clips scored per row (MineWorld: up to 500 validation clips)
-    seed: int = 1000  # minicraft seed of the held-out clips; never trained on (pretrain.py eval_seed)
-    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that gave the RL reward (idm.save format)
-    judge_idm: str = "assets/minicraft/idm_judge.pt"  # held-out IDM, never a reward: the `judge_` keys
-    lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
-    fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
-    batch_size: int = 16  # clips per generate / IDM call
-    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
-    videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
-    fps: int = 4  # frames per second of side_by_side.mp4
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,7 +524,6 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str]) -> list[dict]:
-    import config  # here, not at the top: config.py imports EvalConfig from this file
     rest, flags = _pull_flags(argv)
     cfg, _ = config.parse(config.Config, rest)
     if flags["out"] is None:
