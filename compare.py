@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
+import pixel_reward
 import runtime
-import evaluate
 
 VARIANTS = {                                                  # train.py flags of each reward variant
     "rlir": ["--rl.reward=idm", "--rl.granularity=exact", "--rl.reading=argmax"],      # Eq. 3
@@ -165,7 +165,7 @@ def main(argv: list[str]) -> None:
         text, summary[Path(c).stem] = table(c, runs, opts)
         md.append(text)
     cfg, _ = config.parse(config.Config, [opts["configs"][0], *opts["train"]])
-    lpips_fn, why = evaluate.load_lpips(cfg.eval.lpips_backbone)   # what train.py's pixel reward used
+    lpips_fn, why = pixel_reward.load_lpips(cfg.eval.lpips_backbone)   # what train.py's pixel reward used
     only = "".join(f"; {stem} only: {' '.join(o)}" for stem, o in opts["only"].items())
     note = (f"{len(opts['seeds'])} seeds ({','.join(map(str, opts['seeds']))}); train.py overrides: "
             f"{' '.join(opts['train']) or 'none'}{only}. Metrics on held-out clips (mean ± std over seeds). "

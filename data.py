@@ -5,10 +5,15 @@ raw VPT contractor recordings (640x360 mp4 + contractor jsonl), converts contrac
 VPT / MineWorld do, quantizes cameras (VPT 11 bins, MineWorld 21 bins), tokenizes actions into
 MineWorld's 11 tokens, builds the 7 + 2 evaluation groups of Table 3, drops GUI and static windows,
 and collates clips into a batch of tensors. Every conversion is checked bit for bit against outputs
-of the original code (the parity fixtures read by tests/test_data.py; not shipped with the repository).
+of the original code (the parity fixtures read by tests/test_data.py; not shipped with the repository). It also
+writes the embedded world's clips (minicraft.py) to files in that layout:
+
+    python data.py --out OUT --clips 64 --seed 1                  # 64 clips, clip_<n>.mp4 + .jsonl
+
 Facts used: docs/formats.md §1.5, §1.7, §1.8, §2.4, §2.6; the clip convention: docs/conventions.md §1.1, §1.2.
 """
 
+import argparse
 import json
 import re
 from collections import Counter
@@ -22,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import UsageError
+import minicraft
+from runtime import UsageError, cli
 
 
 @dataclass
@@ -591,10 +597,9 @@ def minicraft_clips(cfg: DataConfig, n: int | None, skips: SkipReport,
 
     Raises RuntimeError if `max_dropped_in_a_row` generated clips in a row are all filtered out.
     """
-    import minicraft
-
     dropped = 0  # generated clips in a row with no surviving window: guards an endless loop
     for frames, actions, gui in minicraft.clips(None, cfg.seed, cfg.height, cfg.width, cfg.clip_len):
+        actions = [{**noop_action(), **a} for a in actions]  # the world names only the pressed keys
         kept = list(window_clips(frames, actions, gui, cfg, skips))
         dropped = 0 if kept else dropped + 1
         if dropped >= max_dropped_in_a_row:
@@ -694,3 +699,25 @@ def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0,
         chosen = order[i * batch_size:(i + 1) * batch_size][rank::world_size]  # [batch_size / world_size]
         yield collate([clips[j] for j in chosen], offset, camera_tokens)
         step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the embedded world's clips as files
+
+def main(argv: list[str]) -> None:
+    """Write `--clips` clips of minicraft.clips (seeded by `--seed`, unfiltered: readers drop GUI and static
+    windows) to `--out` as clip_<n>.mp4 + clip_<n>.jsonl, which read_mineworld_folder reads back."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for clip_<n>.mp4 + clip_<n>.jsonl")
+    ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64)
+    args = ap.parse_args(argv)
+    clips = minicraft.clips(args.clips, args.seed, args.height, args.width)
+    for n, (frames, actions, gui) in enumerate(tqdm(clips, total=args.clips, desc="clips")):
+        write_clip(args.out, n, frames, actions, gui)  # frames [16, H, W, 3]; keys not pressed are written as 0
+
+
+if __name__ == "__main__":
+    cli(main)

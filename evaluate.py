@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,26 +30,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from scipy import linalg
 
+import config
 import data
 import idm as idm_lib
 import runtime
+from config import EvalConfig
 from data import DataConfig
-from runtime import ConfigError, UsageError, read_checkpoint
-
-
-@dataclass
-class EvalConfig:
-    clips: int = 256  # held-out clips scored per row (MineWorld: up to 500 validation clips)
-    seed: int = 1000  # minicraft seed of the held-out clips; never trained on (pretrain.py eval_seed)
-    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that gave the RL reward (idm.save format)
-    judge_idm: str = "assets/minicraft/idm_judge.pt"  # held-out IDM, never a reward: the `judge_` keys
-    lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
-    fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
-    batch_size: int = 16  # clips per generate / IDM call
-    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
-    videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
-    fps: int = 4  # frames per second of side_by_side.mp4
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
+from pixel_reward import load_lpips, lpips_distance  # LPIPS, shared with the pixel reward (Eq. 6)
+from runtime import ConfigError, UsageError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,51 +149,6 @@ def ssim(gen: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     mx, my = mx + ox, my + oy  # local means of the images themselves
     smap = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))  # [N, 3, h, w]
     return smap.double().mean(dim=(1, 2, 3))  # [N]
-
-
-def alexnet_cache_path() -> str:
-    """Where torchvision keeps the ImageNet AlexNet weights (honours $TORCH_HOME)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", "alexnet-owt-7be5be79.pth")
-
-
-def load_lpips(backbone: str) -> tuple[torch.nn.Module | None, str]:
-    """LPIPS (Zhang et al. 2018; AlexNet trunk, v0.1 linear heads shipped inside the `lpips` package) ->
-    (module, "") or (None, the reason it is unavailable). Nothing is downloaded: the trunk is built
-    random (pnet_rand=True) and then gets the AlexNet `features` weights from `backbone` (a
-    torchvision alexnet state dict, with or without the `features.` prefix; "" = the torch hub cache)."""
-    path = backbone or alexnet_cache_path()
-    try:
-        import lpips
-    except ImportError:
-        return None, "lpips unavailable: the `lpips` package is not installed (pip install -r requirements.txt)"
-    if not os.path.isfile(path):
-        return None, (f"lpips unavailable: no AlexNet weights at {path}; put torchvision's "
-                      f"alexnet-owt-7be5be79.pth there or pass --eval.lpips_backbone=PATH")
-
-    state = read_checkpoint(path, "eval.lpips_backbone")  # a damaged file is an error, not a missing metric
-    state = state if isinstance(state, dict) else {}
-    features = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-    with warnings.catch_warnings():  # torchvision's note on the deprecated `pretrained=False` argument
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, spatial=True, verbose=False)
-    # lpips splits AlexNet's `features` into net.slice1..5 but keeps torchvision's layer indices:
-    # net.slice2.3.weight is features.3.weight.
-    want = model.net.state_dict()
-    missing = [k for k in want if k.split(".", 1)[1] not in features]
-    if missing:
-        return None, (f"lpips unavailable: {path} is not an AlexNet `features` state dict (missing "
-                      f"{[k.split('.', 1)[1] for k in missing]})")
-    model.net.load_state_dict({k: features[k.split(".", 1)[1]] for k in want})
-    return model.eval(), ""
-
-
-@torch.no_grad()
-def lpips_distance(model: torch.nn.Module, gen: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """LPIPS per frame, frames [N, H, W, 3] in [0, 1] -> [N]: the spatial=True distance map (each layer's
-    map upsampled to the frame size) averaged over pixels, as MineWorld's video-metrics library does."""
-    x = gen.float().permute(0, 3, 1, 2) * 2 - 1  # [N, 3, H, W] in [-1, 1], as lpips expects
-    y = gt.float().permute(0, 3, 1, 2) * 2 - 1  # [N, 3, H, W]
-    return model(x, y).mean(dim=(1, 2, 3))  # [N, 1, H, W] map -> [N]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,7 +526,6 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str]) -> list[dict]:
-    import config  # here, not at the top: config.py imports EvalConfig from this file
     rest, flags = _pull_flags(argv)
     cfg, _ = config.parse(config.Config, rest)
     if flags["out"] is None:

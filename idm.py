@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
-from runtime import ConfigError, UsageError, read_checkpoint
+from runtime import ConfigError, UsageError, load_strict, read_checkpoint
 
 # VPT's `Buttons.ALL`: the order of the 20 binary button heads (docs/formats.md §2.4).
 BUTTONS = ("attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop",
@@ -486,22 +486,18 @@ def inverse_reward(idms: list, frames: torch.Tensor, true_groups: torch.Tensor, 
 # Loading and saving.
 
 def _load_weights(idm: IDM, state_dict: dict, source: str) -> IDM:
-    """Load a state dict into an IDM built on the meta device, strictly: missing or mis-shaped keys raise,
-    listing them. Extra keys are ignored with a warning (VPT itself loads with strict=False)."""
+    """Load a state dict into an IDM built on the meta device, strictly (runtime.load_strict): missing or
+    mis-shaped keys raise, listing them. Extra keys are ignored with a warning (VPT itself loads with
+    strict=False)."""
 
     want = idm.state_dict()  # meta tensors: names and shapes only
-    missing = sorted(want.keys() - state_dict.keys())
-    shapes = sorted(f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in want.items() if k in state_dict and state_dict[k].shape != v.shape)
-    if missing or shapes:
-        raise ConfigError(f"{source} does not fit this IDM ({len(want)} keys expected): missing keys "
-                          f"({len(missing)}): {missing[:5]}; mis-shaped keys ({len(shapes)}): {shapes[:5]}; "
-                          "check that the .model / kwargs file and the weights file belong together")
+    # VPT copies into an fp32 model; a non-tensor is left for load_strict to name as mis-shaped.
+    weights = {k: v.to(torch.float32) if torch.is_tensor(v) else v for k, v in state_dict.items() if k in want}
+    load_strict(idm, weights, source, "check that the .model / kwargs file and the weights file belong together",
+                assign=True)  # assign: the meta-device model takes the loaded tensors
     extra = sorted(state_dict.keys() - want.keys())
     if extra:
         warnings.warn(f"{source}: ignoring {len(extra)} keys the IDM does not have: {extra}")
-    weights = {k: state_dict[k].to(torch.float32) for k in want}  # VPT copies into an fp32 model
-    idm.load_state_dict(weights, assign=True)  # assign: the meta-device model takes the loaded tensors
     return idm.eval()
 
 

@@ -3,11 +3,12 @@
 Real Minecraft data (VPT contractor videos, MineWorld's validation clips) cannot be downloaded
 everywhere, so rlir ships this small world. It is driven by the same env-format actions as VPT /
 MineRL (forward, back, left, right, jump, sneak, sprint, attack, use, drop, inventory, ESC,
-hotbar.1-9, camera=[pitch, yaw] degrees) and records clips in MineWorld's validation layout, so
-every later stage (IDM, world models, GRPO) runs unchanged on it and on the real data.
-There is no learning here.
+hotbar.1-9, camera=[pitch, yaw] degrees), and data.py records its clips in MineWorld's validation
+layout, so every later stage (IDM, world models, GRPO) runs unchanged on it and on the real data.
+There is no learning here, and nothing of the data side: an action is a dict holding the camera and a 1
+for each key pressed; a key that is absent is up (data.py fills in the full env-format dict).
 
-    python minicraft.py --out OUT --clips 64 --seed 1           # 64 clips, clip_<n>.mp4 + .jsonl
+    python data.py --out OUT --clips 64 --seed 1                  # 64 clips, clip_<n>.mp4 + .jsonl
     python minicraft.py --sheet assets/minicraft_actions.png      # contact sheet: one row per action
     python minicraft.py --bench --clips 512                       # frames/s on one core
 
@@ -25,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 import runtime
-import data  # env-format actions (VPT/MineRL keys, camera = [pitch, yaw] degrees) and clip files
 
 # ---------------------------------------------------------------------------------------------
 # Constants of the world. They are chosen for visibility at 64x64 pixels, not to copy Minecraft's
@@ -512,7 +513,7 @@ class Scripted:
 
     def __call__(self, p: Player, aim: tuple) -> dict:
         """The next action for the player `p`, who is looking at block `aim` (or at nothing)."""
-        r, a = self.rng, data.noop_action()
+        r, a = self.rng, {"camera": [0.0, 0.0]}            # nothing pressed yet, the view still
         if self.gui:                                          # a GUI is open: wait, then close
             self.gui -= 1
             if self.gui == 0:
@@ -532,7 +533,7 @@ class Scripted:
         self.move = (keys, left - 1)
         for key in keys.split("+") if keys else ():
             a[key] = 1
-        if p.jump == 0 and not a["sneak"] and r.random() < 0.06:
+        if p.jump == 0 and not a.get("sneak") and r.random() < 0.06:
             a["jump"] = 1                                     # taps, only when on the ground
 
         pitch, yaw, left = self.cam
@@ -574,13 +575,13 @@ def action_space() -> list[dict]:
     """
     steps = [0.0, *CAM_STEPS, *(-c for c in CAM_STEPS)]
     pitches, yaws = steps, steps + [*FLICK, *(-f for f in FLICK)]
-    out = [{**data.noop_action(), "inventory": 1}, {**data.noop_action(), "ESC": 1}]
+    out = [{"inventory": 1, "camera": [0.0, 0.0]}, {"ESC": 1, "camera": [0.0, 0.0]}]
     # dict.fromkeys: MOVES repeats "forward" for its weight. hotbar 0 = no hotbar key.
     for keys, jump, hotbar, hand, pitch, yaw in itertools.product(dict.fromkeys(MOVES), (0, 1), range(10), HANDS,
                                                                   pitches, yaws):
         if jump and "sneak" in keys:  # jumps are taps on the ground, never while sneaking
             continue
-        a = data.noop_action()
+        a = {}
         for key in [*keys.split("+"), hand, f"hotbar.{hotbar}" if hotbar else ""]:
             if key:
                 a[key] = 1
@@ -592,8 +593,8 @@ def action_space() -> list[dict]:
 def clips(n: int | None, seed: int, height: int = 64, width: int = 64, clip_len: int = 16,
           per_world: int = 8, batch: int = 32):
     """Yield `n` clips (forever if None) as (frames uint8 [clip_len, H, W, 3], actions, gui bool
-    [clip_len]). actions[t] is the env-format action that produced frames[t] (MineWorld's
-    validation convention); actions[0] came before the clip. Clips come from continuous play,
+    [clip_len]). actions[t] is the action (keys pressed, camera) that produced frames[t]
+    (MineWorld's validation convention); actions[0] came before the clip. Clips come from continuous play,
     `per_world` consecutive clips in each freshly generated world; `batch` worlds are played
     side by side. Deterministic in (n, seed)."""
     done, w0 = 0, 0
@@ -625,8 +626,6 @@ def clips(n: int | None, seed: int, height: int = 64, width: int = 64, clip_len:
 def contact_sheet(path: str, height: int = 64, width: int = 64, seed: int = 3) -> None:
     """Write a PNG with one row per action group: the frame before, and 3 frames while the action
     is held from the same state, so each group's effect can be seen side by side."""
-    from PIL import Image
-
     rows = [("forward", {"forward": 1}), ("sprint", {"forward": 1, "sprint": 1}),
             ("back", {"back": 1}), ("left", {"left": 1}), ("sneak", {"sneak": 1}),
             ("jump", {"jump": 1}), ("attack", {"attack": 1}), ("use", {"use": 1}),
@@ -640,7 +639,7 @@ def contact_sheet(path: str, height: int = 64, width: int = 64, seed: int = 3) -
     for i in range(3):
         acts = []
         for name, keys in rows:
-            a = data.noop_action()
+            a = {}
             if i == 0 or name not in ("jump", "inventory"):   # taps: press once, then watch
                 a.update(keys)
             acts.append(a)
@@ -661,8 +660,7 @@ def bench(n: int = 256, seed: int = 0, height: int = 64, width: int = 64) -> flo
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", help="folder for clip_<n>.mp4 + clip_<n>.jsonl")
-    ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips")
+    ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips to time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
@@ -674,14 +672,8 @@ def main(argv: list[str] | None = None) -> None:
               f"({args.height}x{args.width}, game logic and scripted player included, one core)")
     if args.sheet:
         contact_sheet(args.sheet, args.height, args.width)
-    if args.out:
-        from tqdm import tqdm
-        for n, (frames, actions, gui) in enumerate(tqdm(
-                clips(args.clips, args.seed, args.height, args.width), total=args.clips,
-                desc="clips")):
-            data.write_clip(args.out, n, frames, actions, gui)
-    if not (args.out or args.sheet or args.bench):
-        ap.error("nothing to do: give --out DIR and/or --sheet PNG")
+    if not (args.sheet or args.bench):
+        ap.error("nothing to do: give --sheet PNG and/or --bench (clip files: python data.py --out DIR)")
 
 
 if __name__ == "__main__":

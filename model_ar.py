@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from runtime import ConfigError, UsageError, read_checkpoint
+from runtime import ConfigError, UsageError, load_strict, read_checkpoint
 
 ACTION_VOCAB = 68  # ids n_codes..n_codes+67: 65 keys/camera bins, bos, null, eos (docs/formats.md §1.5)
 MINEWORLD_HINT = ("MineWorld's weights are on the ModelScope mirror modelscope.cn/models/AI-ModelScope/mineworld "
@@ -408,25 +408,11 @@ def read_state_dict(path: str, key: str = "ar.init_from") -> dict:
     return obj["state_dict"]
 
 
-def _few(keys: list) -> str:
-    """"(n): [the first 5 keys]": a key list short enough for a one-line error."""
-    return f"({len(keys)}): {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-
 def load_weights(module: nn.Module, sd: dict, source: str) -> None:
-    """Strict load that names the missing, unexpected and mis-shaped keys (the first 5 of each); dtypes are cast
-    to the module's."""
-
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
-    shapes = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in own if k in sd and sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise ConfigError(f"checkpoint {source} does not match the model config: missing keys {_few(missing)}; "
-                          f"unexpected keys {_few(unexpected)}; mis-shaped keys {_few(shapes)}; use the ar/vq "
-                          f"config it was trained with (hidden, layers, heads, vocab, codebook)")
-    module.load_state_dict(sd)
+    """Strict load (runtime.load_strict): the missing, unexpected and mis-shaped keys are named (the first 5 of
+    each); dtypes are cast to the module's."""
+    load_strict(module, sd, f"checkpoint {source}",
+                "use the ar/vq config it was trained with (hidden, layers, heads, vocab, codebook)")
 
 
 def load_checkpoint(model: WorldModel, path: str, key: str = "ar.init_from") -> None:

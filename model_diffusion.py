@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sde_sampler as sde
-from runtime import ConfigError, UsageError, read_checkpoint
+from runtime import ConfigError, UsageError, load_strict, read_checkpoint
 
 ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (docs/formats.md §1.5)
 N_ACTION_IDS = 68  # raw ids 0..67: 23 buttons/hotbar keys, 2×21 camera bins, <act_bos>, <null_act>, <act_eos>
@@ -300,15 +300,7 @@ def load_weights(model: nn.Module, path: str, key: str | None = None) -> None:
     if not isinstance(sd, dict):
         raise ConfigError(f"{path} holds no state dict (expected a dict with a 'model' entry); point {key} "
                           f"at an NFD/AE checkpoint")
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd
-              and tuple(sd[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise ConfigError(f"{path} does not match the configured model: missing {missing[:5]}, unexpected "
-                          f"{unexpected[:5]}, shape mismatches {shapes[:5]} (of {len(missing)}, "
-                          f"{len(unexpected)}, {len(shapes)}); use the nfd/ae config it was trained with")
-    model.load_state_dict(sd)
+    load_strict(model, sd, path, "use the nfd/ae config it was trained with")
 
 
 def actions_multi_hot(action_tokens: torch.Tensor, dim: int = N_ACTION_IDS) -> torch.Tensor:

@@ -54,6 +54,32 @@ def read_checkpoint(path: str, key: str):
                          f"weights_only=True: {detail}); re-create it or point {key} at another file") from None
 
 
+def _few(keys: list) -> str:
+    """"(n): [the first 5]": a key list short enough for a one-line error."""
+    return f"({len(keys)}): {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict, source: str, fix: str, assign: bool = False) -> None:
+    """module.load_state_dict(state_dict), but only when both hold the same keys with the same shapes. Otherwise
+    a ConfigError (a UsageError: one line from `cli`) "{source} does not fit this model: missing keys (n): [...];
+    unexpected keys (n): [...]; mis-shaped keys (n): [key: file (..) vs model (..)]; {fix}", naming the first 5
+    keys of each non-empty list. `fix` says what to do, e.g. which config the file was saved with.
+    dtypes are cast to the module's; assign=True hands the module the file's tensors instead (a module built
+    on the meta device, which has no storage to copy into)."""
+    own = module.state_dict()  # names and shapes; meta tensors are enough
+    missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    # A non-tensor under a model key (a foreign file) is reported by its type rather than failing on .shape.
+    shapes = sorted(f"{k}: file {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__} vs model "
+                    f"{tuple(own[k].shape)}" for k, v in state_dict.items()
+                    if k in own and not (torch.is_tensor(v) and v.shape == own[k].shape))
+    problems = [f"{what} keys {_few(keys)}" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+    if problems:
+        raise ConfigError(f"{source} does not fit this model: {'; '.join(problems)}; {fix}")
+    module.load_state_dict(state_dict, assign=assign)
+
+
 def pick_device(device: str) -> torch.device:
     """run.device "auto" means CUDA when present; under torchrun each process takes GPU LOCAL_RANK."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())

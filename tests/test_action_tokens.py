@@ -14,7 +14,7 @@ import minicraft
 def space():
     """Every action minicraft's scripted player emits and its 9 scored groups [N, 9], binned as data.collate
     bins them (from the float64 angles)."""
-    actions = minicraft.action_space()
+    actions = [{**data.noop_action(), **a} for a in minicraft.action_space()]  # the world names pressed keys
     buttons, _ = data.actions_to_arrays(actions)  # [N, 20]
     bins = data.camera_to_bins(np.array([a["camera"] for a in actions]), **data.VPT_CAMERA)  # [N, 2]
     return actions, data.action_groups(buttons, bins)

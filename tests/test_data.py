@@ -1,8 +1,6 @@
 """Tests for data.py: exact parity with the VPT/MineWorld fixtures, clip I/O, filtering, bad input."""
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -385,20 +383,18 @@ def test_minicraft_wrapper_filters_with_fake_world(monkeypatch):
             yield frames, [data.noop_action() for _ in range(clip_len)], gui
             i += 1
 
-    monkeypatch.setitem(sys.modules, "minicraft", types.SimpleNamespace(clips=clips))
+    monkeypatch.setattr(data.minicraft, "clips", clips)
     cfg = data.DataConfig(height=8, width=8, max_clips=4)
     got, skips = data.load_clips(cfg)
     assert len(got) == 4 and skips.counts == {"static": 3, "gui": 3}
     assert all(not c[2].any() for c in got)
-    monkeypatch.setitem(sys.modules, "minicraft", types.SimpleNamespace(
-        clips=lambda n, seed, h, w, t: ((np.zeros((t, h, w, 3), np.uint8), [data.noop_action()] * t,
-                                         np.zeros(t, bool)) for _ in iter(int, 1))))
+    monkeypatch.setattr(data.minicraft, "clips", lambda n, seed, h, w, t: (
+        (np.zeros((t, h, w, 3), np.uint8), [data.noop_action()] * t, np.zeros(t, bool)) for _ in iter(int, 1)))
     with pytest.raises(RuntimeError, match="in a row"):
         next(data.minicraft_clips(cfg, None, data.SkipReport(), max_dropped_in_a_row=5))
 
 
 def test_minicraft_real_world_gives_clips():
-    pytest.importorskip("minicraft")
     cfg = data.DataConfig(height=32, width=32, max_clips=3, seed=0)
     clips, _ = data.load_clips(cfg)
     again, _ = data.load_clips(cfg)

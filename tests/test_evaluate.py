@@ -1,5 +1,6 @@
 """Tests for evaluate.py: sklearn-semantics P/R/F1 on hand-worked cases, camera bins, PSNR/SSIM/LPIPS,
-the Fréchet distance in closed form, the I3D path with a scripted stand-in, the GT row, folders, the CLI."""
+the Fréchet distance in closed form, the I3D path with a scripted stand-in, the GT row, folders, the CLI;
+and for pixel_reward.py, which holds LPIPS and the pixel reward (Eq. 6) built on it."""
 
 import json
 
@@ -10,6 +11,7 @@ import torch
 import data
 import evaluate as ev
 import idm as idm_lib
+import pixel_reward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,24 +107,37 @@ def alexnet_features(tmp_path_factory):
 
 
 def test_lpips_from_test_made_weights(alexnet_features, tmp_path):
-    model, note = ev.load_lpips(alexnet_features)
+    model, note = pixel_reward.load_lpips(alexnet_features)
     assert model is not None and note == ""
     x = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     y = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
-    assert ev.lpips_distance(model, x, x).abs().max() < 1e-6
-    assert (ev.lpips_distance(model, x, y) > 0).all()
+    assert pixel_reward.lpips_distance(model, x, x).abs().max() < 1e-6
+    assert (pixel_reward.lpips_distance(model, x, y) > 0).all()
     # The weights really came from the file: a full torchvision state dict ("features." prefix) works too
     # and gives the same distances.
     full = {f"features.{k}": v for k, v in torch.load(alexnet_features, weights_only=True).items()}
     torch.save(full, tmp_path / "full.pth")
-    model2, _ = ev.load_lpips(str(tmp_path / "full.pth"))
-    assert torch.allclose(ev.lpips_distance(model2, x, y), ev.lpips_distance(model, x, y))
+    model2, _ = pixel_reward.load_lpips(str(tmp_path / "full.pth"))
+    assert torch.allclose(pixel_reward.lpips_distance(model2, x, y), pixel_reward.lpips_distance(model, x, y))
 
 
 def test_lpips_missing_weights_is_unavailable_with_the_reason(tmp_path):
     missing = tmp_path / "nope.pth"
-    model, note = ev.load_lpips(str(missing))
+    model, note = pixel_reward.load_lpips(str(missing))
     assert model is None and "lpips unavailable" in note and str(missing) in note
+
+
+def test_pixel_reward_without_lpips_is_minus_l1_per_frame():
+    """Eq. 6 with no LPIPS network: 0 on identical clips, else -L1 of each frame 1..15, worked by hand."""
+    gt = torch.zeros(2, 16, 1, 1, 3, dtype=torch.uint8)  # [2, 16, 1, 1, 3]: black one-pixel frames
+    assert torch.equal(pixel_reward.pixel_reward(gt, gt, None), torch.zeros(2, 15))
+    frames = gt.clone()
+    frames[0, 0] = 255  # frame 0 is the given context: never scored
+    frames[0, 1, 0, 0, 0] = 255  # frame 1: red off by 1 of 3 channels -> L1 = 1/3
+    frames[0, 2, 0, 0, 2] = 51  # frame 2: blue off by 51/255 = 0.2 -> L1 = 0.2/3
+    want = torch.zeros(2, 15)  # clip 1 stays identical to the ground truth
+    want[0, 0], want[0, 1] = -1 / 3, -0.2 / 3
+    torch.testing.assert_close(pixel_reward.pixel_reward(frames, gt, None), want)
 
 
 # ---------------------------------------------------------------------------------------------

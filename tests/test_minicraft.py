@@ -31,7 +31,7 @@ def test_clips_format_and_determinism():
     frames, actions, gui = got[0]
     assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
     assert len(actions) == 16 and gui.shape == (16,) and gui.dtype == bool
-    assert set(actions[0]) == set(data.NOOP_ACTION) and len(actions[0]["camera"]) == 2
+    assert all(set(a) <= set(data.NOOP_ACTION) and len(a["camera"]) == 2 for a in actions)  # keys pressed
     again = list(mc.clips(3, seed=5))
     for (f1, a1, g1), (f2, a2, g2) in zip(got, again):
         assert np.array_equal(f1, f2) and a1 == a2 and np.array_equal(g1, g2)
@@ -121,24 +121,24 @@ def test_scripted_player_covers_every_group_without_conflicts():
     n = len(acts)
     for key in ("forward", "back", "left", "right", "sprint", "sneak", "jump", "attack", "use",
                 "drop", "inventory"):
-        share = sum(a[key] for a in acts) / n
+        share = sum(a.get(key, 0) for a in acts) / n
         assert share > 0.003, key
     moving = [a for a in acts if a["camera"][1] != 0]
     assert 0.2 < len(moving) / n < 0.8                        # smooth moves and stillness
     for a, b in (("sprint", "sneak"), ("jump", "sneak"), ("attack", "use")):
-        assert not any(x[a] and x[b] for x in acts), (a, b)
-    assert not any(x["sprint"] and not x["forward"] for x in acts)   # sprint needs forward
+        assert not any(x.get(a) and x.get(b) for x in acts), (a, b)
+    assert not any(x.get("sprint") and not x.get("forward") for x in acts)   # sprint needs forward
 
 
 def test_cli_writes_clips_that_data_reads_back(tmp_path):
-    mc.main(["--out", str(tmp_path), "--clips", "4", "--seed", "1", "--sheet",
-             str(tmp_path / "sheet.png")])
+    mc.main(["--sheet", str(tmp_path / "sheet.png")])
     assert (tmp_path / "sheet.png").stat().st_size > 1000
+    data.main(["--out", str(tmp_path), "--clips", "4", "--seed", "1"])
     clips = list(mc.clips(4, seed=1))
     for n, (frames, actions, gui) in enumerate(clips):
         got_frames, got_actions, got_gui = data.read_clip(tmp_path / f"clip_{n}.mp4",
                                                          tmp_path / f"clip_{n}.jsonl")
-        assert got_actions == actions                         # identical after the round trip
+        assert got_actions == [{**data.noop_action(), **a} for a in actions]   # identical after the round trip
         assert np.array_equal(got_gui, gui)
         assert got_frames.shape == frames.shape
         mse = np.mean((got_frames.astype(np.float32) - frames) ** 2)
