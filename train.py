@@ -29,6 +29,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -203,7 +204,7 @@ def backward(model, api, ro, adv: torch.Tensor, cfg: Config) -> list[tuple[float
         loss, st = grpo.policy_loss(lp, lp.detach(), adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
         weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
         (loss * weight).backward()                                    # a NaN reaches this rank's gradient
-        stats.append((float(weight), st))
+        stats.append((float(weight), {**st, "loss": float(loss)}))
     return stats
 
 
@@ -289,7 +290,8 @@ def hold(out: Path, stack: contextlib.ExitStack) -> None:
     """Create the run folder and lock it until `stack` closes: a second run on the same folder stops with one
     line instead of interleaving its log and checkpoints with this one's."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = stack.enter_context(open(out, "rb"))                  # a folder can hold an advisory lock, too
+    fd = os.open(out, os.O_RDONLY)                             # a folder can hold an advisory lock, too
+    stack.callback(os.close, fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
