@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from runtime import UsageError
+from runtime import ConfigError, UsageError, at_least, check_fields, nonempty
 
 
 @dataclass
@@ -44,6 +44,20 @@ class DataConfig:
     # for real MineWorld checkpoints (it merges some VPT bins, e.g. 1.61 and 3.22 deg); "vpt" = one token per
     # VPT 11-bin class, so every scored camera bin is a function of the tokens (DESIGN.md, embedded experiment)
     camera_tokens: Literal["mineworld", "vpt"] = "mineworld"
+
+    def __post_init__(self):
+        check_fields(self, {
+            "source": nonempty('"minicraft" or a path'), "height": at_least(1),
+            "width": at_least(1), "clip_len": at_least(2, "a context frame and at least one to predict"),
+            "stride": at_least(1), "static_threshold": at_least(0), "max_clips": at_least(1),
+            "seed": at_least(0, "numpy seeds are >= 0")})
+        if self.source == "minicraft":                         # the embedded world: endless, rendered at this size
+            if self.max_clips is None:
+                raise ConfigError("max_clips=None: must be set when source is 'minicraft' (the world is endless)")
+            for side in ("height", "width"):                   # minicraft.Worlds renders sides in multiples of 16
+                if getattr(self, side) % 16:
+                    raise ConfigError(f"{side}={getattr(self, side)}: must be a multiple of 16 when source is "
+                                      f"'minicraft' (the sides the embedded world renders)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,8 +490,6 @@ def window_clips(frames: np.ndarray, actions: list[dict], gui: np.ndarray | None
     """Cut a recording (already in the clip convention) into clip_len windows every cfg.stride frames,
     dropping GUI windows (any frame with the GUI open) and static windows (every consecutive-frame
     motion below cfg.static_threshold). Drops are counted in `skips` under "gui" and "static"."""
-    if cfg.clip_len < 2 or cfg.stride < 1:
-        raise ValueError(f"data.clip_len must be >= 2 and data.stride >= 1, got {cfg.clip_len} and {cfg.stride}")
     gui = gui_from_actions(actions) if gui is None else np.asarray(gui, dtype=bool)  # [N]
     motion = frame_motion(frames)  # [N-1], motion[t] between frames t and t+1
     for s in range(0, len(frames) - cfg.clip_len + 1, cfg.stride):  # frames after the last window are unused
@@ -614,9 +626,7 @@ def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.n
     Raises UsageError naming the source and the skip counts when no clip survives.
     """
     skips = SkipReport()
-    if cfg.source == "minicraft":
-        if cfg.max_clips is None:
-            raise UsageError("data.max_clips must be set when data.source is 'minicraft' (the world is endless)")
+    if cfg.source == "minicraft":                             # max_clips is set (DataConfig)
         clips = minicraft_clips(cfg, cfg.max_clips, skips)
     else:
         source = Path(cfg.source)

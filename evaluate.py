@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,26 +30,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from scipy import linalg
 
+import config
 import data
 import idm as idm_lib
 import runtime
 from data import DataConfig
 from runtime import ConfigError, UsageError, read_checkpoint
-
-
-@dataclass
-class EvalConfig:
-    clips: int = 256  # held-out clips scored per row (MineWorld: up to 500 validation clips)
-    seed: int = 1000  # minicraft seed of the held-out clips; never trained on (pretrain.py eval_seed)
-    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that gave the RL reward (idm.save format)
-    judge_idm: str = "assets/minicraft/idm_judge.pt"  # held-out IDM, never a reward: the `judge_` keys
-    lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
-    fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
-    batch_size: int = 16  # clips per generate / IDM call
-    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
-    videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
-    fps: int = 4  # frames per second of side_by_side.mp4
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,10 +262,10 @@ class Scorers:
     device: str
 
 
-def load_scorers(cfg: EvalConfig) -> Scorers:
+def load_scorers(cfg: config.EvalConfig) -> Scorers:
     """Load both IDMs, LPIPS and (if fvd_features is a path) the I3D TorchScript; fail fast on a missing
     IDM or I3D file (a missing AlexNet only makes LPIPS unavailable, with the reason)."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = str(runtime.pick_device(cfg.device, "eval.device"))
 
     reward = idm_lib.load(cfg.reward_idm, "eval.reward_idm").to(device)
     judge = idm_lib.load(cfg.judge_idm, "eval.judge_idm").to(device)
@@ -298,13 +284,13 @@ def load_scorers(cfg: EvalConfig) -> Scorers:
     return Scorers(reward, judge, lp.to(device) if lp is not None else None, note, i3d, device)
 
 
-def fvd_name(cfg: EvalConfig) -> str:
+def fvd_name(cfg: config.EvalConfig) -> str:
     """What the FVD column was computed on; "fvd_idm" is not comparable with published FVDs."""
     return "fvd_idm" if cfg.fvd_features == "idm" else "i3d"
 
 
-def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int], torch.Tensor], visual: bool,
-           scorers: Scorers | None, videos_out: list | None, tokens: dict | None = None) -> dict:
+def _score(name: str, clips: list, cfg: config.EvalConfig, videos: Callable[[dict, int], torch.Tensor],
+           visual: bool, scorers: Scorers | None, videos_out: list | None, tokens: dict | None = None) -> dict:
     """Score the videos `videos(batch, index of its first clip)` gives for every batch of clips, with a
     progress bar. visual=False is the GT row. `tokens`: data.collate's keywords for batch["tokens"] (the
     world model's action-token offset and camera quantizer; MineWorld's by default). `seconds` is the
@@ -386,7 +372,7 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     return row
 
 
-def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list, cfg: EvalConfig, name: str,
+def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list, cfg: config.EvalConfig, name: str,
              scorers: Scorers | None = None, videos_out: list | None = None, tokens: dict | None = None) -> dict:
     """Score a world model. `generate(x0 uint8 [B, H, W, 3], batch from data.collate) -> uint8
     [B, 16, H, W, 3]` rolls out actions a_1..a_15 (batch["buttons"/"camera"/"tokens"][:, 1:]) from x0 and
@@ -398,13 +384,13 @@ def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list
                   tokens)
 
 
-def evaluate_gt(clips: list, cfg: EvalConfig, scorers: Scorers | None = None) -> dict:
+def evaluate_gt(clips: list, cfg: config.EvalConfig, scorers: Scorers | None = None) -> dict:
     """The GT row: action following of the IDMs on the ground-truth clips (their upper bound, paper
     Table 1); visual metrics are None."""
     return _score("gt", clips, cfg, lambda batch, _: batch["frames"], False, scorers, None)
 
 
-def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: list, cfg: EvalConfig,
+def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: list, cfg: config.EvalConfig,
                    scorers: Scorers | None = None) -> dict:
     """The recon row: the ground-truth clips through the world model's tokenizer round trip, scored like a
     generated row against the raw GT. `roundtrip(frames uint8 [B, 16, H, W, 3]) -> uint8 same shape` (VQ
@@ -413,7 +399,7 @@ def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: lis
     return evaluate(lambda x0, batch: roundtrip(batch["frames"]), clips, cfg, "recon", scorers)
 
 
-def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], clips: list, cfg: EvalConfig,
+def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], clips: list, cfg: config.EvalConfig,
                      reward_fn: Callable[[torch.Tensor, dict], torch.Tensor], name: str | None = None,
                      scorers: Scorers | None = None, tokens: dict | None = None) -> dict:
     """The best-of-N row: per held-out clip, cfg.best_of samples `sample(x0, batch, i)` (i = 0..N-1, so the
@@ -490,7 +476,7 @@ def read_generated(gen_dir: str | Path, n: int, height: int, width: int) -> list
     return videos
 
 
-def evaluate_folder(gen_dir: str | Path, clips: list, cfg: EvalConfig, name: str,
+def evaluate_folder(gen_dir: str | Path, clips: list, cfg: config.EvalConfig, name: str,
                     scorers: Scorers | None = None, videos_out: list | None = None) -> dict:
     """Score a folder of generated clip_<i>.mp4, the i-th matched with the i-th ground-truth clip. A
     15-frame video holds frames 1..15 (MineWorld's inference.py writes only those) and gets x0 in front;
@@ -581,21 +567,23 @@ def _pull_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str]) -> list[dict]:
-    import config  # here, not at the top: config.py imports EvalConfig from this file
     rest, flags = _pull_flags(argv)
     cfg, _ = config.parse(config.Config, rest)
     if flags["out"] is None:
         raise UsageError("--out is required; usage: python evaluate.py [CONFIG.yaml] --data DIR_OR_minicraft "
                          "--out OUT [--generated DIR ...] [--eval.key=value ...]")
     ec = cfg.eval
+    out = runtime.output_folder(flags["out"], "--out")
+    for gen_dir in flags["generated"]:                        # checked now, not after the GT row is scored
+        if not Path(gen_dir).is_dir():
+            raise UsageError(f"--generated {gen_dir}: no such folder; give a folder of generated clip_<n>.mp4")
     # The held-out clips: minicraft worlds of eval.seed (never trained on), or a clip folder.
     source = flags["data"] or cfg.data.source
     seed = ec.seed if source == "minicraft" else cfg.data.seed
-    dc = DataConfig(**{**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips})
-    out = Path(flags["out"])
+    dc = config.build(DataConfig, {**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips}, "data.")
+    clips, skips = data.load_clips(dc)                        # a missing source fails here, before out/ is made
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
-    clips, skips = data.load_clips(dc)
     print(f"{len(clips)} clips from {source}; {skips}")
     scorers = load_scorers(ec)
     rows = [evaluate_gt(clips, ec, scorers)]

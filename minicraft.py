@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -659,8 +660,15 @@ def bench(n: int = 256, seed: int = 0, height: int = 64, width: int = 64) -> flo
     return frames / (time.process_time() - t)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: runtime.cli prints them as one line, like every command's."""
+
+    def error(self, message: str):
+        raise runtime.UsageError(message)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", help="folder for clip_<n>.mp4 + clip_<n>.jsonl")
     ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips")
     ap.add_argument("--seed", type=int, default=0)
@@ -669,6 +677,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sheet", help="write a contact sheet PNG of each action's effect")
     ap.add_argument("--bench", action="store_true", help="print frames/s of `clips` (one core)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    # Every flag is checked before the first frame is rendered.
+    if not (args.out or args.sheet or args.bench):
+        ap.error("nothing to do: give --out DIR and/or --sheet PNG")
+    side = (lambda v: v >= 16 and v % 16 == 0), "a positive multiple of 16 (the frame sides Worlds renders)"
+    for flag, value, (ok, what) in (("--height", args.height, side), ("--width", args.width, side),
+                                    ("--clips", args.clips, runtime.at_least(1)),
+                                    ("--seed", args.seed, runtime.at_least(0, "numpy seeds are >= 0"))):
+        if not ok(value):
+            ap.error(f"{flag}={value}: must be {what}")
+    if args.out:
+        runtime.output_folder(args.out, "--out")
+    if args.sheet and not Path(args.sheet).parent.is_dir():
+        ap.error(f"--sheet {args.sheet}: the folder {Path(args.sheet).parent} does not exist")
     if args.bench:
         print(f"{bench(args.clips, args.seed, args.height, args.width):.0f} frames/s "
               f"({args.height}x{args.width}, game logic and scripted player included, one core)")
@@ -680,8 +701,6 @@ def main(argv: list[str] | None = None) -> None:
                 clips(args.clips, args.seed, args.height, args.width), total=args.clips,
                 desc="clips")):
             data.write_clip(args.out, n, frames, actions, gui)
-    if not (args.out or args.sheet or args.bench):
-        ap.error("nothing to do: give --out DIR and/or --sheet PNG")
 
 
 if __name__ == "__main__":

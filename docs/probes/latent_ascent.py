@@ -18,7 +18,8 @@ from einops import rearrange
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import config, data, idm as idm_lib, train  # noqa: E401,E402
 
-cfg = config.parse(config.Config, [sys.argv[1], "--run.threads=2", "--rl.group_size=1"])[0]
+# independent initial noise per clip (sde.same_noise shares it within a GRPO group; here each clip is alone)
+cfg = config.parse(config.Config, [sys.argv[1], "--run.threads=2", "--sde.same_noise=false"])[0]
 torch.set_num_threads(2)
 api, model = train.world_model(cfg)
 judge, reward = idm_lib.load(cfg.eval.judge_idm, "judge"), idm_lib.load(cfg.rl.reward_idm, "reward")
