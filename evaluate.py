@@ -581,11 +581,11 @@ def main(argv: list[str]) -> list[dict]:
     source = flags["data"] or cfg.data.source
     seed = ec.seed if source == "minicraft" else cfg.data.seed
     dc = config.build(DataConfig, {**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips}, "data.")
+    scorers = load_scorers(ec)                                # eval.device, the IDM files: checked first
     clips, skips = data.load_clips(dc)                        # a missing source fails here, before out/ is made
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
     print(f"{len(clips)} clips from {source}; {skips}")
-    scorers = load_scorers(ec)
     rows = [evaluate_gt(clips, ec, scorers)]
     videos = [data.collate(clips[:ec.videos])["frames"]] if ec.videos else []  # [V, 16, H, W, 3] GT row
     for gen_dir in flags["generated"]:

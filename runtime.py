@@ -1,5 +1,6 @@
-"""What every entry point shares and no stage owns: errors a user must fix and the one line they print,
-checkpoint files read safely and written atomically, the device, torchrun, the learning-rate schedule.
+"""What every entry point shares and no stage owns: errors a user must fix and the one line they print, the
+range checks of the config fields, output folders checked before any work, checkpoint files read safely and
+written atomically, the device, torchrun, the learning-rate schedule.
 
 One code path for CPU and 1..N GPUs (DESIGN.md "Conventions"): torchrun sets RANK, WORLD_SIZE and
 LOCAL_RANK; gloo on CPU, nccl on GPU; rank 0 prints, saves and evaluates.

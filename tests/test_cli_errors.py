@@ -152,6 +152,7 @@ IN_PROCESS = {
     "evaluate_missing_generated": (evaluate, lambda t: ["--out", str(t / "E"), "--generated", str(t / "gen")],
                                    ["--generated", "gen"]),
     "evaluate_eval_field": (evaluate, lambda t: ["--out", str(t / "E"), "--eval.fps=0"], ["eval.fps=0"]),
+    "evaluate_cuda": (evaluate, lambda t: ["--out", str(t / "E"), "--eval.device=cuda"], ["eval.device=cuda"]),
 }
 
 
@@ -173,10 +174,11 @@ def test_a_bad_value_is_one_line_before_any_work(case, tmp_path, monkeypatch, ca
     module, argv, names = IN_PROCESS[case]
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)    # run.device=cuda names a missing device
-    argv = argv(tmp_path)
-    run = ["--run.out=" + str(tmp_path / "run")] if module is train else []   # where a train.py run would write
+    # where a train.py run or a comparison would write (first: a case's own flag wins)
+    out_flag = {train: [f"--run.out={tmp_path / 'run'}"], compare: [f"--out={tmp_path / 'cmp'}"]}.get(module, [])
+    argv = [*out_flag, *argv(tmp_path)]
     before = files(tmp_path)
-    code, out, err = run_cli(module, [*argv, *run], monkeypatch, capsys)
+    code, out, err = run_cli(module, argv, monkeypatch, capsys)
     script = module.__name__ + ".py"
     assert code == 2 and "Traceback" not in err and out == "", (code, out, err)
     assert err.endswith("\n") and err.count("\n") == 1, err
