@@ -73,17 +73,28 @@ def parse(argv: list[str]) -> dict:
         if stem in stems:
             opts["train"].remove(a)
             opts["only"].setdefault(stem, []).append("--" + rest)
+    if not all(s.isdigit() for s in opts["seeds"].split(",")):
+        raise config.UsageError(f"--seeds={opts['seeds']}: expected seeds >= 0 separated by commas, e.g. 0,1,2")
+    if not opts["jobs"].isdigit() or int(opts["jobs"]) < 1:
+        raise config.UsageError(f"--jobs={opts['jobs']}: expected a number of parallel runs >= 1")
+    runtime.output_folder(opts["out"], "--out")
     opts["seeds"] = [int(s) for s in opts["seeds"].split(",")]
     opts["variants"] = opts["variants"].split(",")
     opts["jobs"] = int(opts["jobs"])
     return opts
 
 
-def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
-    """One train.py run in OUT/<config>/<variant>/seed<k>/, its console output in train.txt."""
+def command(cfg: str, variant: str, seed: int, opts: dict) -> tuple[Path, list[str]]:
+    """The run folder OUT/<config>/<variant>/seed<k>/ of one train.py run and the run's train.py arguments."""
     out = Path(opts["out"]) / Path(cfg).stem / variant / f"seed{seed}"
-    args = [cfg, *opts["train"], *opts["only"].get(Path(cfg).stem, []), *VARIANTS[variant],
-            f"--run.seed={seed}", f"--run.out={out}"]
+    return out, [cfg, *opts["train"], *opts["only"].get(Path(cfg).stem, []), *VARIANTS[variant],
+                 f"--run.seed={seed}", f"--run.out={out}"]
+
+
+def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
+    """One train.py run in its folder (`command`), its console output in train.txt. A run that fails before its
+    first checkpoint leaves no command.txt behind, so the corrected command may use the folder."""
+    out, args = command(cfg, variant, seed, opts)
     done, recorded = out / "results.json", out / "command.txt"
     if recorded.exists() and recorded.read_text() != " ".join(args):
         raise config.UsageError(f"{out} holds a run of `train.py {recorded.read_text()}`, not of "
@@ -97,7 +108,14 @@ def run_one(cfg: str, variant: str, seed: int, opts: dict) -> Path:
     with open(out / "train.txt", "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
-        raise config.UsageError(f"{' '.join(cmd)} failed (exit {rc}); its output is in {out / 'train.txt'}")
+        if not (out / "ckpt.pt").exists():                     # nothing to resume: the folder binds no command
+            recorded.unlink()
+        text = (out / "train.txt").read_text(errors="replace").replace("\r", "\n")   # progress bars end in \r
+        lines = [t for t in text.splitlines() if t.strip()]
+        # train.py's one-line error (runtime.cli), else the last line (a traceback's exception)
+        cause = next((t for t in reversed(lines) if ": error: " in t), lines[-1] if lines else "no output")
+        raise config.UsageError(f"the run in {out} failed (exit {rc}): {cause.strip()}; its output is in "
+                                f"{out / 'train.txt'}")
     return out
 
 
@@ -155,6 +173,8 @@ def plot(runs_by_cfg: dict, opts: dict, path: Path) -> None:
 def main(argv: list[str]) -> None:
     opts = parse(argv)
     jobs = [(c, v, s) for c in opts["configs"] for s in opts["seeds"] for v in opts["variants"]]
+    for job in jobs:                          # each run's config, read as train.py reads it, before any run starts
+        config.parse(config.Config, command(*job, opts)[1])
     with concurrent.futures.ThreadPoolExecutor(opts["jobs"]) as pool:   # threads only wait on subprocesses
         dirs = list(tqdm(pool.map(lambda j: run_one(*j, opts), jobs), total=len(jobs), desc="runs"))
     runs_by_cfg = {c: {v: [d for (c2, v2, _), d in zip(jobs, dirs) if (c2, v2) == (c, v)]

@@ -2,8 +2,9 @@
 
 Defaults live in code, next to the stage that uses them (`data.DataConfig`, `idm.IDMConfig`, …),
 with a comment on every field. A YAML file overrides only what differs; the command line
-overrides the file. Unknown keys and wrong types are errors that name the key, raised before any
-work starts. The resolved config is printed once and saved next to the checkpoints.
+overrides the file. Unknown keys, wrong types and values out of a field's range (each dataclass's
+`__post_init__`, runtime.check_fields) are errors that name the key, raised before any work
+starts. The resolved config is printed once and saved next to the checkpoints.
 
     python train.py configs/minicraft_ar.yaml --rl.lr=1e-5 --data.train_clips=256
 """
@@ -22,6 +23,7 @@ from idm import IDMConfig
 from model_ar import ARConfig, VQConfig
 from model_diffusion import AEConfig, NFDConfig
 from sde_sampler import SDEConfig
+from runtime import POSITIVE, at_least, check_fields, nonempty, within
 from runtime import ConfigError, UsageError  # noqa: F401  (config.ConfigError, config.UsageError)
 
 
@@ -82,7 +84,10 @@ def build(cls, overrides: dict, prefix: str = ""):
             kwargs[name] = build(tp, value, key + ".")
         else:
             kwargs[name] = _check(value, tp, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)                                  # its __post_init__ checks the ranges
+    except ConfigError as e:
+        raise ConfigError(prefix + str(e)) from None          # "lr=nan: ..." -> "rl.lr=nan: ..."
 
 
 def _set(tree: dict, dotted: str, value) -> None:
@@ -117,7 +122,10 @@ def parse(cls, argv: list[str] | None = None):
             if not path.is_file():
                 raise ConfigError(f"config file {arg} not found (the shipped ones are in configs/)")
             try:
-                loaded = yaml.safe_load(path.read_text()) or {}
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except UnicodeDecodeError as e:                 # a binary file, or text in another encoding
+                raise ConfigError(f"{arg}: not a UTF-8 text file ({e.reason} at byte {e.start}); a config is "
+                                  f"YAML text (the shipped ones are in configs/)") from None
             except yaml.YAMLError as e:
                 raise ConfigError(f"{arg}: not valid YAML: {e}") from None
             if not isinstance(loaded, dict):
@@ -157,8 +165,9 @@ def dump(cfg) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The sections every entry point shares (train.py, pretrain.py, evaluate.py). Stage-specific
-# defaults live in their own files; the run-level ones are here.
+# The sections of the entry points themselves (train.py, pretrain.py, evaluate.py). Stage-specific
+# defaults live in their own files; the run-level ones are here. Each __post_init__ is a table of
+# field -> the range it must lie in (runtime.check_fields), checked whenever a config is built.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -169,6 +178,10 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
     threads: int = 0            # torch CPU threads per process; 0 = torch's default
     world_model: Literal["ar", "nfd"] = "ar"  # MineWorld-style (model_ar.py) or NFD-style (model_diffusion.py)
+
+    def __post_init__(self):
+        # run.device "cuda" is checked against the machine by runtime.pick_device, when the run takes its device
+        check_fields(self, {"seed": at_least(0, "numpy seeds are >= 0"), "threads": at_least(0, "0 = torch's default")})
 
 
 @dataclasses.dataclass
@@ -199,6 +212,19 @@ class RLConfig:
     save_every: int = 10        # steps between checkpoints (and at the end, and on SIGTERM)
     max_bad_steps: int = 3      # consecutive non-finite steps (skipped) before the run stops
 
+    def __post_init__(self):
+        check_fields(self, {
+            "steps": at_least(1), "prompts": at_least(1), "micro_batch": at_least(1),
+            "group_size": at_least(2, "with one rollout per prompt every advantage of Eq. 1 is 0: nothing is learned"),
+            "lr": POSITIVE, "warmup": at_least(0), "weight_decay": at_least(0), "grad_clip": POSITIVE,
+            "vpt_idm": ((lambda v: v == "" or (v.count(",") == 1 and "" not in v.split(","))),
+                        '"" or "MODEL,WEIGHTS" (4x_idm.model,4x_idm.weights)'),
+            "prompt_seed": at_least(0, "numpy seeds are >= 0"), "eval_every": at_least(0, "0 = before and after only"),
+            "save_every": at_least(1), "max_bad_steps": at_least(1)})
+        if not self.vpt_idm and "" in self.reward_idm.split(","):      # the IDM (or ensemble) that gives Eq. 3
+            raise ConfigError(f"reward_idm={self.reward_idm!r}: must name an idm.save file, or several separated by "
+                              f"commas (or set vpt_idm)")
+
 
 @dataclasses.dataclass
 class PretrainConfig:
@@ -216,6 +242,34 @@ class PretrainConfig:
     label_noise: float = 0.0    # ar/nfd: fraction of clips trained on another clip's actions (docs/)
     roundtrip: float = 0.0      # idm: fraction of clips shown through a world-model tokenizer round trip
                                 # (vq.init_from / ae.init_from), so the IDM reads generated frames as real ones
+
+    def __post_init__(self):
+        check_fields(self, {
+            "steps": at_least(1), "batch_size": at_least(1), "lr": POSITIVE, "warmup": at_least(0),
+            "weight_decay": at_least(0), "grad_clip": POSITIVE, "eval_every": at_least(1), "eval_clips": at_least(1),
+            "eval_seed": at_least(0, "numpy seeds are >= 0"), "label_noise": within(0, 1), "roundtrip": within(0, 1)})
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    clips: int = 256  # held-out clips scored per row (MineWorld: up to 500 validation clips)
+    seed: int = 1000  # minicraft seed of the held-out clips; never trained on (pretrain.py eval_seed)
+    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that gave the RL reward (idm.save format)
+    judge_idm: str = "assets/minicraft/idm_judge.pt"  # held-out IDM, never a reward: the `judge_` keys
+    lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
+    fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
+    batch_size: int = 16  # clips per generate / IDM call
+    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
+    videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
+    fps: int = 4  # frames per second of side_by_side.mp4
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available (runtime.pick_device)
+
+    def __post_init__(self):
+        check_fields(self, {
+            "clips": at_least(1), "seed": at_least(0, "numpy seeds are >= 0"),
+            "reward_idm": nonempty("an idm.save file"), "judge_idm": nonempty("an idm.save file"),
+            "fvd_features": nonempty('"idm" or a file path'), "batch_size": at_least(1),
+            "best_of": at_least(0, "0 = no best_of row"), "videos": at_least(0, "0 = no video"), "fps": at_least(1)})
 
 
 @dataclasses.dataclass

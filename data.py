@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import minicraft
-from runtime import UsageError, cli
+import runtime
+from runtime import ConfigError, UsageError, at_least, check_fields, cli, nonempty
 
 
 @dataclass
@@ -50,6 +51,20 @@ class DataConfig:
     # for real MineWorld checkpoints (it merges some VPT bins, e.g. 1.61 and 3.22 deg); "vpt" = one token per
     # VPT 11-bin class, so every scored camera bin is a function of the tokens (docs/conventions.md §8.2)
     camera_tokens: Literal["mineworld", "vpt"] = "mineworld"
+
+    def __post_init__(self):
+        check_fields(self, {
+            "source": nonempty('"minicraft" or a path'), "height": at_least(1),
+            "width": at_least(1), "clip_len": at_least(2, "a context frame and at least one to predict"),
+            "stride": at_least(1), "static_threshold": at_least(0), "max_clips": at_least(1),
+            "seed": at_least(0, "numpy seeds are >= 0")})
+        if self.source == "minicraft":                         # the embedded world: endless, rendered at this size
+            if self.max_clips is None:
+                raise ConfigError("max_clips=None: must be set when source is 'minicraft' (the world is endless)")
+            for side in ("height", "width"):                   # minicraft.Worlds renders sides in multiples of 16
+                if getattr(self, side) % 16:
+                    raise ConfigError(f"{side}={getattr(self, side)}: must be a multiple of 16 when source is "
+                                      f"'minicraft' (the sides the embedded world renders)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +497,6 @@ def window_clips(frames: np.ndarray, actions: list[dict], gui: np.ndarray | None
     """Cut a recording (already in the clip convention) into clip_len windows every cfg.stride frames,
     dropping GUI windows (any frame with the GUI open) and static windows (every consecutive-frame
     motion below cfg.static_threshold). Drops are counted in `skips` under "gui" and "static"."""
-    if cfg.clip_len < 2 or cfg.stride < 1:
-        raise ValueError(f"data.clip_len must be >= 2 and data.stride >= 1, got {cfg.clip_len} and {cfg.stride}")
     gui = gui_from_actions(actions) if gui is None else np.asarray(gui, dtype=bool)  # [N]
     motion = frame_motion(frames)  # [N-1], motion[t] between frames t and t+1
     for s in range(0, len(frames) - cfg.clip_len + 1, cfg.stride):  # frames after the last window are unused
@@ -619,9 +632,7 @@ def load_clips(cfg: DataConfig) -> tuple[list[tuple[np.ndarray, list[dict], np.n
     Raises UsageError naming the source and the skip counts when no clip survives.
     """
     skips = SkipReport()
-    if cfg.source == "minicraft":
-        if cfg.max_clips is None:
-            raise UsageError("data.max_clips must be set when data.source is 'minicraft' (the world is endless)")
+    if cfg.source == "minicraft":                             # max_clips is set (DataConfig)
         clips = minicraft_clips(cfg, cfg.max_clips, skips)
     else:
         source = Path(cfg.source)
@@ -707,13 +718,15 @@ def batches(clips: list[tuple], batch_size: int, seed: int, start_step: int = 0,
 def main(argv: list[str]) -> None:
     """Write `--clips` clips of minicraft.clips (seeded by `--seed`, unfiltered: readers drop GUI and static
     windows) to `--out` as clip_<n>.mp4 + clip_<n>.jsonl, which read_mineworld_folder reads back."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = minicraft.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for clip_<n>.mp4 + clip_<n>.jsonl")
     ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
     args = ap.parse_args(argv)
+    minicraft.check_flags(ap, args)                            # before the first frame is rendered
+    runtime.output_folder(args.out, "--out")
     clips = minicraft.clips(args.clips, args.seed, args.height, args.width)
     for n, (frames, actions, gui) in enumerate(tqdm(clips, total=args.clips, desc="clips")):
         write_clip(args.out, n, frames, actions, gui)  # frames [16, H, W, 3]; keys not pressed are written as 0

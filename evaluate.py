@@ -37,7 +37,7 @@ import runtime
 from config import EvalConfig
 from data import DataConfig
 from pixel_reward import load_lpips, lpips_distance  # LPIPS, shared with the pixel reward (Eq. 6)
-from runtime import ConfigError, UsageError
+from runtime import ConfigError, UsageError, read_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,10 +219,10 @@ class Scorers:
     device: str
 
 
-def load_scorers(cfg: EvalConfig) -> Scorers:
+def load_scorers(cfg: config.EvalConfig) -> Scorers:
     """Load both IDMs, LPIPS and (if fvd_features is a path) the I3D TorchScript; fail fast on a missing
     IDM or I3D file (a missing AlexNet only makes LPIPS unavailable, with the reason)."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = str(runtime.pick_device(cfg.device, "eval.device"))
 
     reward = idm_lib.load(cfg.reward_idm, "eval.reward_idm").to(device)
     judge = idm_lib.load(cfg.judge_idm, "eval.judge_idm").to(device)
@@ -241,13 +241,13 @@ def load_scorers(cfg: EvalConfig) -> Scorers:
     return Scorers(reward, judge, lp.to(device) if lp is not None else None, note, i3d, device)
 
 
-def fvd_name(cfg: EvalConfig) -> str:
+def fvd_name(cfg: config.EvalConfig) -> str:
     """What the FVD column was computed on; "fvd_idm" is not comparable with published FVDs."""
     return "fvd_idm" if cfg.fvd_features == "idm" else "i3d"
 
 
-def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int], torch.Tensor], visual: bool,
-           scorers: Scorers | None, videos_out: list | None, tokens: dict | None = None) -> dict:
+def _score(name: str, clips: list, cfg: config.EvalConfig, videos: Callable[[dict, int], torch.Tensor],
+           visual: bool, scorers: Scorers | None, videos_out: list | None, tokens: dict | None = None) -> dict:
     """Score the videos `videos(batch, index of its first clip)` gives for every batch of clips, with a
     progress bar. visual=False is the GT row. `tokens`: data.collate's keywords for batch["tokens"] (the
     world model's action-token offset and camera quantizer; MineWorld's by default). `seconds` is the
@@ -329,7 +329,7 @@ def _score(name: str, clips: list, cfg: EvalConfig, videos: Callable[[dict, int]
     return row
 
 
-def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list, cfg: EvalConfig, name: str,
+def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list, cfg: config.EvalConfig, name: str,
              scorers: Scorers | None = None, videos_out: list | None = None, tokens: dict | None = None) -> dict:
     """Score a world model. `generate(x0 uint8 [B, H, W, 3], batch from data.collate) -> uint8
     [B, 16, H, W, 3]` rolls out actions a_1..a_15 (batch["buttons"/"camera"/"tokens"][:, 1:]) from x0 and
@@ -341,13 +341,13 @@ def evaluate(generate: Callable[[torch.Tensor, dict], torch.Tensor], clips: list
                   tokens)
 
 
-def evaluate_gt(clips: list, cfg: EvalConfig, scorers: Scorers | None = None) -> dict:
+def evaluate_gt(clips: list, cfg: config.EvalConfig, scorers: Scorers | None = None) -> dict:
     """The GT row: action following of the IDMs on the ground-truth clips (their upper bound, paper
     Table 1); visual metrics are None."""
     return _score("gt", clips, cfg, lambda batch, _: batch["frames"], False, scorers, None)
 
 
-def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: list, cfg: EvalConfig,
+def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: list, cfg: config.EvalConfig,
                    scorers: Scorers | None = None) -> dict:
     """The recon row: the ground-truth clips through the world model's tokenizer round trip, scored like a
     generated row against the raw GT. `roundtrip(frames uint8 [B, 16, H, W, 3]) -> uint8 same shape` (VQ
@@ -357,7 +357,7 @@ def evaluate_recon(roundtrip: Callable[[torch.Tensor], torch.Tensor], clips: lis
     return evaluate(lambda x0, batch: roundtrip(batch["frames"]), clips, cfg, "recon", scorers)
 
 
-def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], clips: list, cfg: EvalConfig,
+def evaluate_best_of(sample: Callable[[torch.Tensor, dict, int], torch.Tensor], clips: list, cfg: config.EvalConfig,
                      reward_fn: Callable[[torch.Tensor, dict], torch.Tensor], name: str | None = None,
                      scorers: Scorers | None = None, tokens: dict | None = None) -> dict:
     """The best-of-N row: per held-out clip, cfg.best_of samples `sample(x0, batch, i)` (i = 0..N-1, so the
@@ -435,7 +435,7 @@ def read_generated(gen_dir: str | Path, n: int, height: int, width: int) -> list
     return videos
 
 
-def evaluate_folder(gen_dir: str | Path, clips: list, cfg: EvalConfig, name: str,
+def evaluate_folder(gen_dir: str | Path, clips: list, cfg: config.EvalConfig, name: str,
                     scorers: Scorers | None = None, videos_out: list | None = None) -> dict:
     """Score a folder of generated clip_<i>.mp4, the i-th matched with the i-th ground-truth clip. A
     15-frame video holds frames 1..15 (MineWorld's inference.py writes only those) and gets x0 in front;
@@ -532,16 +532,19 @@ def main(argv: list[str]) -> list[dict]:
         raise UsageError("--out is required; usage: python evaluate.py [CONFIG.yaml] --data DIR_OR_minicraft "
                          "--out OUT [--generated DIR ...] [--eval.key=value ...]")
     ec = cfg.eval
+    out = runtime.output_folder(flags["out"], "--out")
+    for gen_dir in flags["generated"]:                        # checked now, not after the GT row is scored
+        if not Path(gen_dir).is_dir():
+            raise UsageError(f"--generated {gen_dir}: no such folder; give a folder of generated clip_<n>.mp4")
     # The held-out clips: minicraft worlds of eval.seed (never trained on), or a clip folder.
     source = flags["data"] or cfg.data.source
     seed = ec.seed if source == "minicraft" else cfg.data.seed
-    dc = DataConfig(**{**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips})
-    out = Path(flags["out"])
+    dc = config.build(DataConfig, {**vars(cfg.data), "source": source, "seed": seed, "max_clips": ec.clips}, "data.")
+    scorers = load_scorers(ec)                                # eval.device, the IDM files: checked first
+    clips, skips = data.load_clips(dc)                        # a missing source fails here, before out/ is made
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
-    clips, skips = data.load_clips(dc)
     print(f"{len(clips)} clips from {source}; {skips}")
-    scorers = load_scorers(ec)
     rows = [evaluate_gt(clips, ec, scorers)]
     videos = [data.collate(clips[:ec.videos])["frames"]] if ec.videos else []  # [V, 16, H, W, 3] GT row
     for gen_dir in flags["generated"]:

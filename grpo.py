@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from runtime import POSITIVE, at_least, check_fields, within
+
 
 @dataclass
 class GRPOConfig:
@@ -26,11 +28,11 @@ class GRPOConfig:
     # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum / (N·L)
     aggregation: Literal["grpo", "token", "dr_grpo"] = "grpo"
 
-
-def _check_config(cfg: GRPOConfig) -> None:
-    """Range checks; the choice-valued fields (Literal) are checked by config.py when the config is read."""
-    if cfg.eps < 0 or (cfg.eps_high is not None and cfg.eps_high < 0):
-        raise ValueError(f"grpo.eps={cfg.eps} and grpo.eps_high={cfg.eps_high} must be >= 0")
+    def __post_init__(self):
+        # the choice-valued fields (Literal) are checked by config.py when the config is read
+        check_fields(self, {
+            "eps": within(0, 1), "eps_high": at_least(0), "beta": at_least(0), "adv_eps": at_least(0),
+            "adv_clip": POSITIVE})
 
 
 # -----------------------------------------------------------------------------
@@ -47,7 +49,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, cfg: GRPOConfig) ->
     zero_std_groups and zero_std_frac (counting (group, frame) pairs for [N, T]), reward_mean,
     reward_std, adv_abs_mean.
     """
-    _check_config(cfg)
     if rewards.ndim not in (1, 2):
         raise ValueError(f"rewards must be [N] or [N, T], got shape {tuple(rewards.shape)}")
     n = rewards.shape[0]
@@ -122,7 +123,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
               cfg.beta > 0, logged if given
     Returns (loss 0-d tensor, stats of plain floats; ratio_mean_per_col is a tuple of L floats).
     """
-    _check_config(cfg)
     if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(f"logp, old_logp and mask must all be [N, L]; got {tuple(logp.shape)}, "
                          f"{tuple(old_logp.shape)}, {tuple(mask.shape)}")

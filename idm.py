@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import data
-from runtime import ConfigError, UsageError, load_strict, read_checkpoint
+from runtime import POSITIVE, SIZES, ConfigError, UsageError, at_least, check_fields, load_strict, read_checkpoint
 
 # VPT's `Buttons.ALL`: the order of the 20 binary button heads (docs/formats.md §2.4).
 BUTTONS = ("attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop",
@@ -48,14 +48,22 @@ class IDMConfig:
     temperature: float = 1.0  # logits are divided by this before log_softmax (VPT: 4.0; 1.0 trains
     # far faster: at 4.0 a small IDM needs 4x larger logits and sat at the label priors for 200 steps)
 
+    def __post_init__(self):
+        check_fields(self, {
+            "img_size": SIZES, "conv3d_outchan": at_least(1),
+            "conv3d_kernel_t": ((lambda k: k >= 1 and k % 2 == 1), "odd and >= 1 (the conv is centred on frame t)"),
+            "impala_chans": SIZES, "impala_width": at_least(1), "hidsize": at_least(1),
+            "attention_heads": at_least(1), "n_blocks": at_least(1), "pointwise_ratio": at_least(1),
+            "timesteps": at_least(1), "temperature": POSITIVE})
+        if self.hidsize % self.attention_heads:
+            raise ConfigError(f"attention_heads={self.attention_heads}: must divide hidsize={self.hidsize}")
+
 
 def vpt_kwargs(cfg: IDMConfig) -> tuple[dict, float]:
     """Turn an IDMConfig into VPT's `net.args` dict and the pi-head temperature, so the embedded IDM and
     the released one take the same code path."""
     h, w = cfg.img_size
-    k = cfg.conv3d_kernel_t
-    if k % 2 != 1:
-        raise ValueError(f"IDMConfig.conv3d_kernel_t must be odd (got {k}); the conv must be centred on frame t")
+    k = cfg.conv3d_kernel_t  # odd (IDMConfig): the conv is centred on frame t
     net_args = {
         "attention_heads": cfg.attention_heads,
         "attention_mask_style": "none",

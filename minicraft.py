@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -658,8 +659,25 @@ def bench(n: int = 256, seed: int = 0, height: int = 64, width: int = 64) -> flo
     return frames / (time.process_time() - t)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: runtime.cli prints them as one line, like every command's."""
+
+    def error(self, message: str):
+        raise runtime.UsageError(message)
+
+
+def check_flags(ap: ArgumentParser, args) -> None:
+    """The world's flags (--height, --width, --clips, --seed), checked before the first frame is rendered."""
+    side = (lambda v: v >= 16 and v % 16 == 0), "a positive multiple of 16 (the frame sides Worlds renders)"
+    for flag, value, (ok, what) in (("--height", args.height, side), ("--width", args.width, side),
+                                    ("--clips", args.clips, runtime.at_least(1)),
+                                    ("--seed", args.seed, runtime.at_least(0, "numpy seeds are >= 0"))):
+        if not ok(value):
+            ap.error(f"{flag}={value}: must be {what}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clips", type=int, default=64, help="number of 16-frame clips to time")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--height", type=int, default=64)
@@ -667,13 +685,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sheet", help="write a contact sheet PNG of each action's effect")
     ap.add_argument("--bench", action="store_true", help="print frames/s of `clips` (one core)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if not (args.sheet or args.bench):
+        ap.error("nothing to do: give --sheet PNG and/or --bench (clip files: python data.py --out DIR)")
+    check_flags(ap, args)
+    if args.sheet and not Path(args.sheet).parent.is_dir():
+        ap.error(f"--sheet {args.sheet}: the folder {Path(args.sheet).parent} does not exist")
     if args.bench:
         print(f"{bench(args.clips, args.seed, args.height, args.width):.0f} frames/s "
               f"({args.height}x{args.width}, game logic and scripted player included, one core)")
     if args.sheet:
         contact_sheet(args.sheet, args.height, args.width)
-    if not (args.sheet or args.bench):
-        ap.error("nothing to do: give --sheet PNG and/or --bench (clip files: python data.py --out DIR)")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from runtime import ConfigError, UsageError, load_strict, read_checkpoint
+from runtime import (POSITIVE, SIZES, ConfigError, UsageError, at_least, check_fields, load_strict, nonempty,
+                     read_checkpoint)
 
 ACTION_VOCAB = 68  # ids n_codes..n_codes+67: 65 keys/camera bins, bos, null, eos (docs/formats.md §1.5)
+NUCLEUS = (lambda p: 0 < p <= 1), "in (0, 1] (1 = the full distribution)"  # the rule of a top-p mass
 MINEWORLD_HINT = ("MineWorld's weights are on the ModelScope mirror modelscope.cn/models/AI-ModelScope/mineworld "
                   "(the HF repo is offline, mineworld issue #18)")
 
@@ -55,6 +57,22 @@ class ARConfig:
     eval_top_p: float = 0.8  # nucleus mass for evaluation (MineWorld's eval setting: 0.8)
     init_from: str = "scratch"  # "scratch", or a checkpoint: MineWorld .ckpt ({"state_dict": ...}) or raw .bin
 
+    def __post_init__(self):
+        check_fields(self, {
+            "n_codes": at_least(1), "hidden": at_least(1), "intermediate": at_least(1), "heads": at_least(1),
+            "kv_heads": at_least(1), "layers": at_least(1), "rope_theta": POSITIVE, "rms_eps": POSITIVE,
+            "frames": at_least(2, "the given frame and at least one generated"), "image_tokens": at_least(1),
+            "action_tokens": ((lambda a: a == 11), "11 (MineWorld's tokens per action, data.action_to_tokens)"),
+            "temperature": POSITIVE, "top_p": NUCLEUS, "eval_temperature": POSITIVE, "eval_top_p": NUCLEUS,
+            "init_from": nonempty('"scratch" or a checkpoint path')})
+        if self.hidden % (2 * self.heads):                   # RoPE rotates pairs of each head's channels
+            raise ConfigError(f"heads={self.heads}: hidden={self.hidden} must split into heads of an even width")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"kv_heads={self.kv_heads}: must divide heads={self.heads} (grouped-query attention)")
+        if self.vocab_size < self.n_codes + ACTION_VOCAB:
+            raise ConfigError(f"vocab_size={self.vocab_size}: must be >= n_codes + {ACTION_VOCAB} action ids "
+                              f"= {self.n_codes + ACTION_VOCAB}")
+
     @property
     def frame_len(self) -> int:  # tokens per frame unit, image + action (MineWorld: 347)
         return self.image_tokens + self.action_tokens
@@ -78,6 +96,15 @@ class VQConfig:
     beta: float = 0.25  # commitment weight β of the VQ-VAE loss (van den Oord et al. 2017, Eq. 3)
     init_from: str = "scratch"  # "scratch", or tokenizer weights with keys model.* (ours, or MineWorld's vae.ckpt)
     diffusers_config: str | None = None  # MineWorld's checkpoints/vae/config.json: use diffusers' VQModel instead
+
+    def __post_init__(self):
+        check_fields(self, {
+            "frame_hw": SIZES, "stride": ((lambda s: s >= 2 and s & (s - 1) == 0), "a power of 2, >= 2"),
+            "codebook_size": at_least(1), "code_dim": at_least(1), "channels": at_least(1), "beta": at_least(0),
+            "init_from": nonempty('"scratch" or a checkpoint path'),
+            "diffusers_config": nonempty("the path of MineWorld's vae/config.json")})
+        if any(side % self.stride for side in self.frame_hw):
+            raise ConfigError(f"frame_hw={self.frame_hw}: each side must be a multiple of stride={self.stride}")
 
     @property
     def grid(self) -> tuple[int, int]:  # latent rows, cols (toy: 8×8; MineWorld: 14×24)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sde_sampler as sde
-from runtime import ConfigError, UsageError, load_strict, read_checkpoint
+from runtime import (SIZES, ConfigError, UsageError, at_least, check_fields, load_strict, nonempty,
+                     read_checkpoint, within)
 
 ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (docs/formats.md §1.5)
 N_ACTION_IDS = 68  # raw ids 0..67: 23 buttons/hotbar keys, 2×21 camera bins, <act_bos>, <null_act>, <act_eos>
@@ -56,6 +57,16 @@ class NFDConfig:
     context_noise: float = 0.1  # training: clean context frames are noised to t ~ U(0, context_noise); 0 = off
     init_from: str | None = None  # checkpoint whose "model" entry is an NFD state dict (load_weights); None = random
 
+    def __post_init__(self):
+        check_fields(self, {
+            "hidden": at_least(1), "mlp": at_least(1), "heads": at_least(1), "layers": at_least(1),
+            "latent_channels": at_least(1), "latent_h": at_least(1), "latent_w": at_least(1),
+            "frames": at_least(2, "the given frame and at least one generated"),
+            "action_dim": ((lambda a: a == N_ACTION_IDS), f"{N_ACTION_IDS} (MineWorld's raw action ids)"),
+            "context_noise": within(0, 1), "init_from": nonempty('"scratch" or a checkpoint path')})
+        if self.hidden % self.heads:
+            raise ConfigError(f"heads={self.heads}: must divide hidden={self.hidden}")
+
 
 @dataclass
 class AEConfig:
@@ -67,6 +78,18 @@ class AEConfig:
     latent_noise: float = 0.1  # pretraining: std of Gaussian noise on latents before decoding (robust decoder)
     scale_weight: float = 0.1  # pretraining: weight of the latent-scale regulariser mean_c (E[z_c²] − 1)²
     init_from: str | None = None  # checkpoint with a FrameAE state dict: load_weights(model.ae, path); None = random
+
+    def __post_init__(self):
+        check_fields(self, {
+            "frame_h": at_least(1), "frame_w": at_least(1),
+            "width": ((lambda w: w >= 8 and w % 8 == 0), "a multiple of 8 (GroupNorm's 8 groups)"), "mults": SIZES,
+            "latent_channels": at_least(1), "latent_noise": at_least(0), "scale_weight": at_least(0),
+            "init_from": nonempty("a checkpoint path")})
+        stride = 2 ** len(self.mults)                          # each stage halves the frame (FrameAE)
+        for side in ("frame_h", "frame_w"):
+            if getattr(self, side) % stride:
+                raise ConfigError(f"{side}={getattr(self, side)}: must be a multiple of the stride {stride} "
+                                  f"(2 ** len(mults))")
 
 
 # -----------------------------------------------------------------------------

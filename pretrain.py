@@ -89,6 +89,11 @@ def with_label_noise(batches, cfg: Config):
         yield {**batch, "tokens": noisy_labels(batch["tokens"], cfg.pretrain.label_noise, gen)}
 
 
+def checkpoint_path(name: str, cfg: Config) -> Path:
+    """Where stage `name` writes its checkpoint: pretrain.out, or assets/minicraft/<stage>.pt."""
+    return Path(cfg.pretrain.out or f"assets/minicraft/{name}.pt")
+
+
 def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save, device: torch.device) -> None:
     """The loop every stage shares: AdamW on the trainable parameters of `module` with warmup + cosine,
     gradient clipping, a JSONL log next to the checkpoint, a held-out evaluation every `eval_every` steps.
@@ -97,7 +102,7 @@ def fit(name: str, cfg: Config, module: torch.nn.Module, loss_fn, evaluate, save
     `save(out)` once, at the end, and removes the resume file, so an existing <out> means a finished stage."""
     pc = cfg.pretrain
     rank, world = runtime.rank_world()
-    out = Path(pc.out or f"assets/minicraft/{name}.pt")
+    out = checkpoint_path(name, cfg)
     resume, log_path = out.with_suffix(".resume.pt"), out.with_suffix(".log.jsonl")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=pc.weight_decay)
@@ -356,6 +361,13 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in STAGES:
         raise config.UsageError(f"usage: python pretrain.py {{{'|'.join(STAGES)}}} [CONFIG.yaml] [--section.key=value]")
     cfg, _ = config.parse(Config, argv[1:])
+    # The files the stage reads and writes, checked before the data is made and the model trained.
+    out, init = checkpoint_path(argv[0], cfg), cfg.pretrain.init_from
+    if out.is_dir():
+        raise config.UsageError(f"pretrain.out={out}: is a folder; give the path of the checkpoint file to write")
+    runtime.output_folder(out.parent, "pretrain.out")
+    if init and not Path(init).is_file():
+        raise FileNotFoundError(f"pretrain.init_from: no checkpoint at {init}; point it at an existing file")
     device, _, _ = runtime.setup(cfg.run)                     # torchrun sets RANK; nccl on GPU, gloo on CPU
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -18,6 +18,8 @@ from typing import Callable, Literal
 
 import torch
 
+from runtime import POSITIVE, ConfigError, at_least, check_fields, within
+
 
 @dataclass
 class SDEConfig:
@@ -37,6 +39,13 @@ class SDEConfig:
     same_noise: bool = False  # all G rollouts of a group start from one x_1 (DanceGRPO; docs/conventions.md §3.5)
     eval_steps: int = 18  # deterministic evaluation steps (paper §5.1: DPM-Solver++, 18 steps)
     eval_solver: Literal["dpm2m", "euler"] = "dpm2m"  # evaluation sampler: "dpm2m" (DPM-Solver++ 2M) | "euler"
+
+    def __post_init__(self):
+        check_fields(self, {
+            "steps": at_least(1), "shift": POSITIVE, "noise_level": at_least(0, "0 = the deterministic ODE"),
+            "tau": within(0, 1), "window": at_least(0, "0 = noise on every step"), "eval_steps": at_least(1)})
+        if self.window >= self.steps:                          # select_steps: the step into t = 0 is never stochastic
+            raise ConfigError(f"window={self.window}: must be < steps={self.steps} (the last step is never stochastic)")
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v_fn(x [B, ...], t 0-d) -> v [B, ...]

@@ -14,7 +14,7 @@ import train
 
 
 def test_shipped_idms_read_ground_truth_clips():
-    cfg = evaluate.EvalConfig(device="cpu", videos=0)
+    cfg = config.EvalConfig(device="cpu", videos=0)
     clips, _ = data.load_clips(dataclasses.replace(data.DataConfig(), seed=cfg.seed, max_clips=cfg.clips))
     row = evaluate.evaluate_gt(clips, cfg)
     for prefix in ("", "judge_"):

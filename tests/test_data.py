@@ -384,7 +384,7 @@ def test_minicraft_wrapper_filters_with_fake_world(monkeypatch):
             i += 1
 
     monkeypatch.setattr(data.minicraft, "clips", clips)
-    cfg = data.DataConfig(height=8, width=8, max_clips=4)
+    cfg = data.DataConfig(height=16, width=16, max_clips=4)    # sides the embedded world renders
     got, skips = data.load_clips(cfg)
     assert len(got) == 4 and skips.counts == {"static": 3, "gui": 3}
     assert all(not c[2].any() for c in got)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import evaluate as ev
 import idm as idm_lib
@@ -215,7 +216,7 @@ def idms(tmp_path_factory):
 
 def _cfg(idms, **kw):
     kw = {"batch_size": 4, "lpips_backbone": "/nonexistent/alexnet.pth", **kw}
-    return ev.EvalConfig(reward_idm=idms[0], judge_idm=idms[1], device="cpu", **kw)
+    return config.EvalConfig(reward_idm=idms[0], judge_idm=idms[1], device="cpu", **kw)
 
 
 KEYS = ("f1_macro", "precision_macro", "recall_macro", "f1_micro", "camera_bin_error", "camera_acc_pitch",

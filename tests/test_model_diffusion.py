@@ -28,7 +28,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run_cfg(group_size: int = 1, **sde_fields) -> config.Config:
+def run_cfg(group_size: int = 2, **sde_fields) -> config.Config:
     """A run config with these sde fields and rl.group_size (what the world-model calls read)."""
     return config.Config(sde=SDEConfig(**sde_fields), rl=config.RLConfig(group_size=group_size))
 

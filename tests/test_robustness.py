@@ -313,6 +313,13 @@ def test_an_evaluation_reward_idm_that_gives_no_reward_is_rejected(assets, tmp_p
     assert (tmp_path / "ok" / "results.json").exists()
 
 
+@pytest.mark.parametrize("key", ["rl.group_size", "rl.micro_batch", "rl.max_bad_steps", "rl.steps"])
+def test_non_positive_sizes_are_rejected(assets, tmp_path, key):
+    with pytest.raises(config.UsageError, match=re.escape(f"{key}=0: must be >= ")):   # config.RLConfig
+        train.main(args(assets, tmp_path / "run", f"--{key}=0"))
+    assert not (tmp_path / "run").exists()
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
