@@ -273,21 +273,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    clips: int = 256  # held-out clips scored per row (MineWorld: up to 500 validation clips)
-    seed: int = 1000  # minicraft seed of the held-out clips; never trained on (pretrain.py eval_seed)
-    reward_idm: str = "assets/minicraft/idm_reward.pt"  # IDM that gave the RL reward (idm.save format)
-    judge_idm: str = "assets/minicraft/idm_judge.pt"  # held-out IDM, never a reward: the `judge_` keys
-    lpips_backbone: str = ""  # AlexNet `features` weights (.pth); "" = torch hub cache alexnet-owt-7be5be79.pth
-    fvd_features: str = "idm"  # "idm" = judge IDM latent, mean over time; or a path to StyleGAN-V i3d_torchscript.pt
-    batch_size: int = 16  # clips per generate / IDM call
-    best_of: int = 0  # samples per held-out prompt for the best_of row (reward IDM's pick); 0 = skip that row
-    videos: int = 8  # clips shown one after another in side_by_side.mp4 (0 = no video)
-    fps: int = 4  # frames per second of side_by_side.mp4
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" = cuda if available
-
-
-@dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

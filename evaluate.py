@@ -34,10 +34,9 @@ import config
 import data
 import idm as idm_lib
 import runtime
-from config import EvalConfig
 from data import DataConfig
 from pixel_reward import load_lpips, lpips_distance  # LPIPS, shared with the pixel reward (Eq. 6)
-from runtime import ConfigError, UsageError, read_checkpoint
+from runtime import ConfigError, UsageError
 
 
 # ----------------------------------------------------------------------------------------------
