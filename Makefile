@@ -1,8 +1,10 @@
-# Two commands on a fresh machine: `make test` and `make train` (ARGS=configs/laptop_ar.yaml for AR).
+# Two commands on a fresh machine: `make test` (the linter, then the tests) and `make train`
+# (ARGS=configs/laptop_ar.yaml for AR).
 # Both first create .venv, or refill it when requirements.txt is newer than its stamp.
 .PHONY: test train
 
 test: .venv/.installed
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest
 
 train: .venv/.installed

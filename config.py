@@ -22,9 +22,8 @@ from grpo import GRPOConfig
 from idm import IDMConfig
 from model_ar import ARConfig, VQConfig
 from model_diffusion import AEConfig, NFDConfig
+from runtime import POSITIVE, ConfigError, UsageError, at_least, check_fields, nonempty, within  # noqa: F401  (config.ConfigError, config.UsageError)
 from sde_sampler import SDEConfig
-from runtime import POSITIVE, at_least, check_fields, nonempty, within
-from runtime import ConfigError, UsageError  # noqa: F401  (config.ConfigError, config.UsageError)
 
 
 def _check(value, tp, key: str):

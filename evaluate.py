@@ -13,6 +13,9 @@ trips (what a perfect world model reaches), the best_of row the reward IDM's pic
 
     python evaluate.py --data minicraft --out runs/eval                       # the GT row
     python evaluate.py --data DIR --out OUT --generated GEN_A --generated GEN_B  # + a row per folder
+
+OUT gets eval_config.yaml (the resolved config), eval_metrics.json (the rows) and eval_side_by_side.mp4; none of
+them is a file train.py writes, so OUT may be a training run's folder.
 """
 import dataclasses
 import json
@@ -27,8 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from scipy import linalg
+from tqdm import tqdm
 
 import config
 import data
@@ -37,7 +40,6 @@ import runtime
 from data import DataConfig
 from pixel_reward import load_lpips, lpips_distance  # LPIPS, shared with the pixel reward (Eq. 6)
 from runtime import ConfigError, UsageError
-
 
 # ----------------------------------------------------------------------------------------------
 # Action following (paper App. A.1 Table 3; MineWorld metrics/IDM, docs/formats.md §1.8)
@@ -542,7 +544,8 @@ def main(argv: list[str]) -> list[dict]:
     scorers = load_scorers(ec)                                # eval.device, the IDM files: checked first
     clips, skips = data.load_clips(dc)                        # a missing source fails here, before out/ is made
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
+    # Its own file names (eval_*): pointed at a train.py run folder, it adds to the record, never overwrites it.
+    (out / "eval_config.yaml").write_text(config.dump(dataclasses.replace(cfg, data=dc)))   # the resolved config
     print(f"{len(clips)} clips from {source}; {skips}")
     rows = [evaluate_gt(clips, ec, scorers)]
     videos = [data.collate(clips[:ec.videos])["frames"]] if ec.videos else []  # [V, 16, H, W, 3] GT row
@@ -555,10 +558,10 @@ def main(argv: list[str]) -> list[dict]:
     for row in rows:
         if row["notes"]:
             print(f"{row['name']}: {row['notes']}")
-    (out / "metrics.json").write_text(json.dumps(rows, indent=2))
+    (out / "eval_metrics.json").write_text(json.dumps(rows, indent=2))
     if videos:
-        write_side_by_side(out / "side_by_side.mp4", videos, ec.fps)
-    print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'side_by_side.mp4'}" if videos else ""))
+        write_side_by_side(out / "eval_side_by_side.mp4", videos, ec.fps)
+    print(f"wrote {out / 'eval_metrics.json'}" + (f" and {out / 'eval_side_by_side.mp4'}" if videos else ""))
     return rows
 
 

@@ -180,3 +180,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         if kl is not None:
             stats["kl_ref"] = float(_masked_mean(kl.float(), m))  # logged whenever kl is given
     return loss, stats
+
+
+def micro_batch_share(mask: torch.Tensor, rows: int, tokens: float, cfg: GRPOConfig) -> float:
+    """The weight of a micro-batch's loss (its rows' mask [b, L] of a batch of `rows` rows and `tokens` trained
+    entries) in the whole batch's, so that the micro-batches' gradients add up to the batch's: its share of the
+    rows for "grpo" and "dr_grpo" (means over rows), of the trained entries for "token" (a mean over entries)."""
+    return float(mask.sum()) / tokens if cfg.aggregation == "token" else len(mask) / rows

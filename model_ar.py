@@ -13,10 +13,10 @@ Parameter names follow HF `LlamaForCausalLM` and MineWorld's `LlamaLVM` (`transf
     sample_frames(model, x0, action_tokens) -> frames    evaluation sampling (MineWorld: T=1, top-p 0.8)
     lm_loss(model, frames, action_tokens) -> scalar      next-token pretraining loss on the image tokens
 """
+import dataclasses
 import json
 import os
 import warnings
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import sde_sampler as sde
-from runtime import (SIZES, ConfigError, UsageError, at_least, check_fields, load_strict, nonempty,
-                     read_checkpoint, within)
+from runtime import (SIZES, ConfigError, UsageError, at_least, check_fields, load_strict, nonempty, read_checkpoint,
+                     within)
 
 ACTION_OFFSET = 8192  # MineWorld action token = raw action id + 8192 (docs/formats.md §1.5)
 N_ACTION_IDS = 68  # raw ids 0..67: 23 buttons/hotbar keys, 2×21 camera bins, <act_bos>, <null_act>, <act_eos>

@@ -14,7 +14,6 @@ import torch
 
 from runtime import read_checkpoint
 
-
 # ----------------------------------------------------------------------------------------------
 # LPIPS: AlexNet features with the lpips package's v0.1 linear heads, from local weights only
 

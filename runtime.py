@@ -6,6 +6,7 @@ One code path for CPU and 1..N GPUs (docs/conventions.md §7.1): torchrun sets R
 LOCAL_RANK; gloo on CPU, nccl on GPU; rank 0 prints, saves and evaluates.
 """
 import contextlib
+import hashlib
 import dataclasses
 import json
 import math
@@ -233,6 +234,32 @@ def average_gradients(params: list) -> None:
     flat /= world
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+def across_ranks(values: list[float], op: str, device) -> list[float]:
+    """Element-wise "min", "max" or "sum" of `values` over ranks, so every rank takes the same
+    decision (a rank that skipped a backward alone would hang the gradient all-reduce)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)    # [len(values)]
+    dist.all_reduce(t, {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return t.tolist()
+
+
+def first_nonfinite(named: dict, device) -> str | None:
+    """Name of the first tensor in `named` with a NaN/inf on any rank (None entries pass), or None."""
+    ok = across_ranks([float(v is None or bool(torch.isfinite(v).all())) for v in named.values()],
+                      "min", device)
+    return next((name for name, flag in zip(named, ok) if not flag), None)
+
+
+def fingerprint(model) -> str:
+    """sha256 of the weights' bytes: equal on every rank iff the replicas stayed identical."""
+    h = hashlib.sha256()
+    for key, v in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -27,7 +27,6 @@ function of (seed, step, prompt) only.
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import signal
@@ -136,32 +135,6 @@ def local_rows(x: torch.Tensor, rank: int, world: int, group_size: int) -> torch
     return x.view(-1, world, group_size, *rest)[:, rank].reshape(-1, *rest)
 
 
-def across_ranks(values: list[float], op: str, device) -> list[float]:
-    """Element-wise "min", "max" or "sum" of `values` over ranks, so every rank takes the same
-    decision (a rank that skipped a backward alone would hang the gradient all-reduce)."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)    # [len(values)]
-    dist.all_reduce(t, {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
-    return t.tolist()
-
-
-def first_nonfinite(named: dict, device) -> str | None:
-    """Name of the first tensor in `named` with a NaN/inf on any rank (None entries pass), or None."""
-    ok = across_ranks([float(v is None or bool(torch.isfinite(v).all())) for v in named.values()],
-                      "min", device)
-    return next((name for name, flag in zip(named, ok) if not flag), None)
-
-
-def fingerprint(model) -> str:
-    """sha256 of the weights' bytes: equal on every rank iff the replicas stayed identical."""
-    h = hashlib.sha256()
-    for key, v in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------
 # One GRPO iteration (§4): rollout and inverse reward, group advantages (Eq. 1), clipped policy loss (Eq. 2).
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +169,13 @@ def backward(model, api, ro, adv: torch.Tensor, cfg: Config) -> list[tuple[float
     per batch: π_old is π_θ before this step, so its log-probs are lp's values (TRL's choice; the sampler's own
     ro.logp agree to ~1e-5 in fp32). Returns each micro-batch's (weight, health statistics)."""
     n, mb, world = len(ro.mask), cfg.rl.micro_batch, runtime.rank_world()[1]
-    total = across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
+    total = runtime.across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
     stats = []
     for i in range(0, n, mb):
         part = slice_rollout(ro, i, i + mb)
         lp, kl = api.log_probs(model, part, cfg)                     # [b, L] each
         loss, st = grpo.policy_loss(lp, lp.detach(), adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
-        weight = part.mask.sum() / total if cfg.grpo.aggregation == "token" else len(lp) / n
+        weight = grpo.micro_batch_share(part.mask, n, total, cfg.grpo)
         (loss * weight).backward()                                    # a NaN reaches this rank's gradient
         stats.append((float(weight), {**st, "loss": float(loss)}))
     return stats
@@ -212,12 +185,13 @@ def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, cfg: Config,
     """One AdamW step on Eq. 2 unless something is not finite (reward, advantage, log-prob, loss or gradient
     norm, on any rank): then nothing changes, neither the weights nor AdamW's moments. Returns the log row's
     entries and the reason for a skip (None if the step was taken)."""
-    why = first_nonfinite({"reward": r, "advantage": adv, "log-prob": ro.logp, "reference": ro.ref}, device)
+    checked = {"reward": r, "advantage": adv, "log-prob": ro.logp, "reference": ro.ref}
+    why = runtime.first_nonfinite(checked, device)      # the same verdict on every rank (they step in lockstep)
     model.train()
     opt.zero_grad(set_to_none=True)
     if why is None:
         stats = backward(model, api, ro, adv, cfg)
-        why = first_nonfinite({"loss": torch.tensor([s["loss"] for _, s in stats])}, device)
+        why = runtime.first_nonfinite({"loss": torch.tensor([s["loss"] for _, s in stats])}, device)
     if why is None:
         runtime.average_gradients(params)                             # the global batch's gradient
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.rl.grad_clip)
@@ -229,7 +203,8 @@ def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, cfg: Config,
     keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref") if stats[0][1].get(k) is not None]
     local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
     world = runtime.rank_world()[1]
-    return {**{k: v / world for k, v in zip(keys, across_ranks(local, "sum", device))}, "grad_norm": float(norm)}, None
+    means = [v / world for v in runtime.across_ranks(local, "sum", device)]     # over the global batch
+    return {**dict(zip(keys, means)), "grad_norm": float(norm)}, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +308,7 @@ def main(argv: list[str]) -> None:
     with contextlib.ExitStack() as stack:                      # the folder's lock and the signal handlers
         model = run(cfg, name, out, device, rank, world, stack)
     # Every rank prints this line (not only rank 0): equal hashes show the replicas stayed identical.
-    print(f"rank {rank}/{world}: weights sha256 {fingerprint(model)}", flush=True)
+    print(f"rank {rank}/{world}: weights sha256 {runtime.fingerprint(model)}", flush=True)
     runtime.teardown()
 
 
@@ -395,7 +370,7 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
         if why:
             say(f"step {step + 1}: skipped the update (non-finite {why}), {bad} in a row")
         row = {"step": step + 1, **stats, **row, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
-        stopping = across_ranks([float(bool(stop))], "max", device)[0] > 0
+        stopping = runtime.across_ranks([float(bool(stop))], "max", device)[0] > 0
         if rank == 0:
             log.write(json.dumps(row) + "\n")
             log.flush()

@@ -44,7 +44,7 @@ def test_every_config_reports_the_reward_it_trains_on(yaml):
     """The evaluation's reward-IDM column reads with an IDM that gives the reward (train.check_run), and every
     embedded reward IDM a config names is shipped."""
     cfg, _ = config.parse(config.Config, [yaml])
-    train.check_run(cfg, 1)
+    train.check_run(cfg, 1, Path("out"))
     if not cfg.rl.vpt_idm:
         assert all(Path(p).is_file() for p in cfg.rl.reward_idm.split(",")), cfg.rl.reward_idm
 

@@ -33,6 +33,7 @@ CITATION = re.compile(r"((?:docs/)?[\w.-]+\.md)((?:(?:\s|#|,|;|and|or|–|-)*§\
 # extension (CONFIG.yaml) are placeholders in usage lines and are not checked.
 ALLOWED_NAMES = {
     "config.yaml",  # the resolved config that a run writes next to its checkpoints
+    "eval_config.yaml",  # the resolved config that evaluate.py writes beside its metrics
     # files of the upstream repositories, named as the source of a fact
     "inference.py",  # microsoft/mineworld
     "data_loader.py", "xf.py",  # openai/Video-Pre-Training

@@ -14,7 +14,6 @@ import evaluate as ev
 import idm as idm_lib
 import pixel_reward
 
-
 # ---------------------------------------------------------------------------------------------
 # Action following
 
@@ -398,20 +397,27 @@ def test_evaluate_folder_15_and_16_frames(clips, idms, tmp_path):
         ev.evaluate_folder(tmp_path / "g15", clips, cfg, "g15")
 
 
-def test_cli_writes_metrics_and_side_by_side(clips, idms, alexnet_features, tmp_path):
+def test_cli_writes_metrics_and_side_by_side_beside_a_training_run(clips, idms, alexnet_features, tmp_path):
+    """evaluate.py --out may point at a train.py run folder: its eval_* files never overwrite the run's."""
     gen = tmp_path / "gen"
     _write_generated(gen, clips[:4], lambda f: f[1:])
     out = tmp_path / "out"
+    out.mkdir()
+    run = {name: name.encode() for name in ("config.yaml", "side_by_side.mp4", "results.json", "log.jsonl")}
+    for name, blob in run.items():
+        (out / name).write_bytes(blob)
     rows = ev.main(["--data", "minicraft", "--out", str(out), "--generated", str(gen), "--eval.clips=4",
                     f"--eval.reward_idm={idms[0]}", f"--eval.judge_idm={idms[1]}", "--eval.videos=2",
                     "--eval.batch_size=4", "--eval.device=cpu", f"--eval.lpips_backbone={alexnet_features}"])
-    saved = json.loads((out / "metrics.json").read_text())
+    assert all((out / name).read_bytes() == blob for name, blob in run.items())
+    assert config.parse(config.Config, [str(out / "eval_config.yaml")])[0].eval.clips == 4
+    saved = json.loads((out / "eval_metrics.json").read_text())
     assert [r["name"] for r in saved] == ["gt", "gen"] and saved == json.loads(json.dumps(rows))
     want = {"name", "psnr", "ssim", "lpips", "fvd", "fvd_features", "brightness", "clips", "seconds",
             "clips_per_s", "notes", *KEYS, *("judge_" + k for k in KEYS)}
     assert want <= saved[0].keys()
     assert saved[1]["psnr"] > 28 and 0 <= saved[1]["lpips"] < 0.05 and saved[0]["lpips"] is None
-    video = data.read_video(out / "side_by_side.mp4")
+    video = data.read_video(out / "eval_side_by_side.mp4")
     assert video.shape == (2 * 16, 2 * 64 + 2, 64, 3)  # 2 clips x 16 frames; GT over model, 2-px gap
 
 

@@ -180,7 +180,8 @@ def test_all_masked_row_and_all_masked_batch_give_no_nan():
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     for aggregation in ("grpo", "token", "dr_grpo"):
         loss, stats = policy_loss(logp, torch.tensor([[-1.0, -2.0], [0.0, 0.0]]), torch.tensor([1.0, 3.0]),
-                                  mask, GRPOConfig(aggregation=aggregation, beta=0.1), kl=k3(logp, torch.zeros(2, 2), mask))
+                                  mask, GRPOConfig(aggregation=aggregation, beta=0.1),
+                                  kl=k3(logp, torch.zeros(2, 2), mask))
         loss.backward()
         assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
         assert all(math.isfinite(v) for k, v in stats.items() if k != "ratio_mean_per_col")

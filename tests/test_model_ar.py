@@ -10,9 +10,28 @@ import torch
 import yaml
 
 import config
-from model_ar import (ACTION_VOCAB, ARConfig, Rollout, Transformer, VQConfig, WorldModel, build_sequence,
-                      build_world_model, generate, generated_positions, load_mineworld_vae, log_probs, lm_loss,
-                      new_cache, quantize, reference, rollout, sample_frames, sample_image_token, top_p_filter)
+from model_ar import (
+    ACTION_VOCAB,
+    ARConfig,
+    Rollout,
+    Transformer,
+    VQConfig,
+    WorldModel,
+    build_sequence,
+    build_world_model,
+    generate,
+    generated_positions,
+    lm_loss,
+    load_mineworld_vae,
+    log_probs,
+    new_cache,
+    quantize,
+    reference,
+    rollout,
+    sample_frames,
+    sample_image_token,
+    top_p_filter,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

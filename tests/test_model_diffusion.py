@@ -10,9 +10,22 @@ import yaml
 
 import config
 import sde_sampler as sde
-from model_diffusion import (AEConfig, NFD, NFDConfig, actions_multi_hot, block_causal_mask, context_kv,
-                             fm_loss, load_weights, log_probs, noisy_velocity, reference, replay_mask, rollout,
-                             sample_frames)
+from model_diffusion import (
+    NFD,
+    AEConfig,
+    NFDConfig,
+    actions_multi_hot,
+    block_causal_mask,
+    context_kv,
+    fm_loss,
+    load_weights,
+    log_probs,
+    noisy_velocity,
+    reference,
+    replay_mask,
+    rollout,
+    sample_frames,
+)
 from sde_sampler import SDEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +130,8 @@ def test_block_causal_attention_semantics():
     model = tiny_model()
     x = torch.randn(1, 4, N_TOK, C)
     t, act = torch.rand(1, 4), torch.rand(1, 4, 68)
-    run = lambda x: model(x, t, act, torch.arange(4), mask=block_causal_mask(4, N_TOK))[0]  # [1, 4, N, C]
+    def run(x):
+        return model(x, t, act, torch.arange(4), mask=block_causal_mask(4, N_TOK))[0]  # [1, 4, N, C]
     base = run(x)
     later = x.clone()
     later[:, 2] += 1.0  # change frame 2

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model_diffusion import clip, tiny_model
 
 import config
 import data
 import model_ar
 import model_diffusion
+import runtime
 import sde_sampler
 import train
-from test_model_diffusion import clip, tiny_model
 from conftest import tiny_args, tiny_cfg, tiny_nfd_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_torchrun_two_ranks_match_one_process(assets, reference, tmp_path):
     assert set(prints) == {"0", "1"} and prints["0"] == prints["1"], prints   # replicas identical
     _, model = train.world_model(tiny_cfg(assets))
     model.load_state_dict(weights(out))
-    assert train.fingerprint(model) == prints["0"]            # the printed hash is of the saved weights
+    assert runtime.fingerprint(model) == prints["0"]            # the printed hash is of the saved weights
     a, b, init = weights(reference), weights(out), torch.load(assets / "ar.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(b[k], init[k]) for k in b)     # it trained
     assert all(row["grad_norm"] > 0 for row in log_rows(reference))

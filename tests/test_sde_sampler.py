@@ -10,8 +10,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grpo import GRPOConfig, policy_loss  # noqa: E402
-from sde_sampler import (SDEConfig, diffusion_coeff, dpm_solver_2m, euler_sample, initial_noise,  # noqa: E402
-                         kl_to_ref, log_prob, ode_sample, sample_sde, sde_step, select_steps, timesteps)
+from sde_sampler import (  # noqa: E402
+    SDEConfig,
+    diffusion_coeff,
+    dpm_solver_2m,
+    euler_sample,
+    initial_noise,
+    kl_to_ref,
+    log_prob,
+    ode_sample,
+    sample_sde,
+    sde_step,
+    select_steps,
+    timesteps,
+)
 
 # Toy data x0 ~ N(M, S²) per element. Then x_t ~ N((1−t)M, V_t), V_t = (1−t)²S² + t², and the exact
 # velocity E[ε − x0 | x_t] is affine in x. The ODE maps x1 = ξ to x_t = (1−t)M + sqrt(V_t)·ξ.
@@ -241,7 +253,8 @@ def test_initial_noise_shared_within_groups_only():
 
 def test_point_mass_is_exact_for_both_solvers():
     # S = 0 makes v = x1 − M constant along each path: both solvers are exact (up to rounding).
-    v_fn = lambda x, t: (x - (1.0 - t) * M) / t - M  # x_t = (1 − t)M + t·ξ  ->  v = ξ − M
+    def v_fn(x, t):  # x_t = (1 − t)M + t·ξ  ->  v = ξ − M
+        return (x - (1.0 - t) * M) / t - M
     x1 = torch.linspace(-2.0, 2.0, 9)[:, None]
     ts = timesteps(7, shift=2.0)
     torch.testing.assert_close(euler_sample(v_fn, x1, ts), torch.full_like(x1, M), atol=1e-5, rtol=0)

@@ -105,7 +105,8 @@ def test_the_loop_climbs_an_easy_reward_on_the_shipped_model(tmp_path, monkeypat
     held-out clips. A sign error, or an advantage given to the wrong rollout anywhere in the loop,
     fails this; that the inverse reward barely moves judge F1 in 15 minutes is a matter of signal
     (docs/2026-11-22-what-limits-the-gain.md), not of plumbing. ~4 minutes on 2 cores."""
-    monkeypatch.setattr(train, "reward_fn", lambda *_: lambda frames, batch: frames[:, 1:].float().mean((2, 3, 4)) / 255)
+    brightness = lambda frames, batch: frames[:, 1:].float().mean((2, 3, 4)) / 255  # noqa: E731
+    monkeypatch.setattr(train, "reward_fn", lambda *_: brightness)
     out = tmp_path / "run"
     train.main(["configs/minicraft_ar.yaml", "--rl.steps=8", "--rl.lr=1e-4", "--eval.clips=8",
                 "--eval.videos=0", f"--run.out={out}"])

@@ -15,7 +15,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import config, data, evaluate, idm as idm_lib, train  # noqa: E401,E402
+import config  # noqa: E401,E402
+import data
+import evaluate
+import idm as idm_lib
+import train
 
 cfg = config.parse(config.Config, [sys.argv[1], "--run.threads=1"])[0]
 P, G = 48, 8

@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import config, data, evaluate, runtime, train  # noqa: E401,E402
+import config  # noqa: E401,E402
+import data
+import evaluate
+import runtime
+import train
 
 args = sys.argv[1:]
 overrides = [a for a in args if a.startswith("--") or a.endswith(".yaml")]

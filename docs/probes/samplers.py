@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import config, data, evaluate, train  # noqa: E401,E402
+import config  # noqa: E401,E402
+import data
+import evaluate
+import train
 
 cfg = config.parse(config.Config, sys.argv[1:])[0]
 torch.set_num_threads(cfg.run.threads)
