@@ -417,7 +417,7 @@ class WorldModel(nn.Module):
         self.action_offset = ar.n_codes  # action token ids start after the image codes (MineWorld: 8192)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Full causal forward, logits [B, T, V]; calling the module (not .transformer) keeps DDP hooks."""
+        """Full causal forward, logits [B, T, V]."""
         return self.transformer(tokens)
 
 
@@ -563,8 +563,7 @@ def generate(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, t
     (G rollouts of a prompt are just G rows). Prefill img_0 + act(a_1), then decode one image token per call
     from a preallocated KV cache; after a frame's last token, that token and the next action go in together
     (MineWorld's naive_generate). Deterministic given `generator` (on the model's device; a list = one per group of
-    rows, see exponential_noise). `model` is the unwrapped WorldModel: sampling needs no gradient, so DDP is not
-    involved."""
+    rows, see exponential_noise)."""
     cfg, n, a = model.cfg, model.cfg.image_tokens, model.cfg.action_tokens
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
@@ -615,13 +614,13 @@ def rollout(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tensor, cf
 def log_probs(model: nn.Module, rollout: Rollout, cfg=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differentiable log π_θ(token | prefix) [B, L] from one full forward over the rollout's sequence, under
     the rollout's softmax (temperature-scaled, full image vocabulary), 0 where mask is 0; and, if rollout.ref
-    holds π_ref's log-probs, the k3 estimate of KL[π_θ‖π_ref] per token (k3, Eq. 2). `model` may be
-    DDP-wrapped. On the first on-policy pass the log-probs equal rollout.logp (KV cache vs. recompute)."""
-    raw = getattr(model, "module", model).cfg
+    holds π_ref's log-probs, the k3 estimate of KL[π_θ‖π_ref] per token (k3, Eq. 2). On the first on-policy
+    pass the log-probs equal rollout.logp (KV cache vs. recompute)."""
+    m = model.cfg
     end = int(rollout.mask.any(0).nonzero().max()) + 1  # causal: nothing after the last trained token matters
-    gen = generated_positions(raw, rollout.tokens.device)[:end]  # [end]
+    gen = generated_positions(m, rollout.tokens.device)[:end]  # [end]
     logits = model(rollout.tokens[:, :end - 1])  # [B, end-1, V]: position i predicts token i+1
-    lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, :end][:, gen], raw.n_codes, rollout.temperature)
+    lp = image_log_probs(logits[:, gen[1:]], rollout.tokens[:, :end][:, gen], m.n_codes, rollout.temperature)
     out = logits.new_zeros(rollout.tokens.shape, dtype=torch.float32)  # [B, L]
     out[:, gen.nonzero().squeeze(1)] = lp  # [B, G]
     return out, None if rollout.ref is None else k3(out, rollout.ref, rollout.mask)
@@ -651,12 +650,11 @@ def sample_frames(model: WorldModel, x0: torch.Tensor, action_tokens: torch.Tens
 def lm_loss(model: nn.Module, frames: torch.Tensor, action_tokens: torch.Tensor) -> torch.Tensor:
     """Pretraining loss: mean next-token cross-entropy over the image tokens of frames 1..F-1 (the tokens the
     world model generates; frame 0 is always given), under the image-vocabulary softmax that sampling uses.
-    frames uint8 [B, F, H, W, 3], action_tokens [B, F, 11]. `model` may be DDP-wrapped."""
-    raw = getattr(model, "module", model)
-    cfg, (b, f) = raw.cfg, frames.shape[:2]
+    frames uint8 [B, F, H, W, 3], action_tokens [B, F, 11]."""
+    cfg, (b, f) = model.cfg, frames.shape[:2]
     check_actions(cfg, action_tokens, b)
     with torch.no_grad():
-        ids = raw.tokenizer.encode(frames.flatten(0, 1)).view(b, f, -1)  # [B, F, N]
+        ids = model.tokenizer.encode(frames.flatten(0, 1)).view(b, f, -1)  # [B, F, N]
     tokens = build_sequence(ids, action_tokens.to(ids.device))  # [B, L]
     gen = generated_positions(cfg, tokens.device)  # [L]
     logits = model(tokens[:, :-1])  # [B, L-1, V]
