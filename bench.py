@@ -147,7 +147,7 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
             as_credit = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, credit=credit))
             adv, _ = train.advantages(r, ro, as_credit, 0, 1)                # Eq. 1
             model.zero_grad(set_to_none=True)
-            train.backward(model, api, ro, adv, as_credit)                  # Eq. 2
+            train.backward(model, api, ro, adv, [], as_credit)              # Eq. 2 at ratio 1
             grads[credit].append(torch.cat([p.grad.flatten() for p in params]))
     res, n = {}, cfg.rl.prompts * G
     for credit, gs in grads.items():

@@ -193,6 +193,9 @@ class RLConfig:
     weight_decay: float = 0.0   # AdamW weight decay
     grad_clip: float = 1.0      # max global gradient norm
     micro_batch: int = 16       # sequences per forward/backward (gradient accumulation); memory knob
+    # μ: AdamW steps on each batch of rollouts (GRPO's μ, Shao et al. 2024, Alg. 1). π_old is the policy that
+    # sampled, so from the second step on the ratio departs from 1 and Eq. 2's clip bounds the move (clip_frac)
+    updates: int = 1
     reward: Literal["idm", "pixel"] = "idm"  # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
     # per frame: "exact" (Eq. 3, all 9 groups), "group" (their mean) or "balanced" (the 7 judged groups, weighted
     # by the inverse frequency of the true label in the prompt pool: a surrogate of macro F1; idm.inverse_reward)
@@ -213,7 +216,7 @@ class RLConfig:
 
     def __post_init__(self):
         check_fields(self, {
-            "steps": at_least(1), "prompts": at_least(1), "micro_batch": at_least(1),
+            "steps": at_least(1), "prompts": at_least(1), "micro_batch": at_least(1), "updates": at_least(1),
             "group_size": at_least(2, "with one rollout per prompt every advantage of Eq. 1 is 0: nothing is learned"),
             "lr": POSITIVE, "warmup": at_least(0), "weight_decay": at_least(0), "grad_clip": POSITIVE,
             "vpt_idm": ((lambda v: v == "" or (v.count(",") == 1 and "" not in v.split(","))),

@@ -163,34 +163,39 @@ def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple
     return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 
 
-def backward(model, api, ro, adv: torch.Tensor, cfg: Config) -> list[tuple[float, dict]]:
+def backward(model, api, ro, adv: torch.Tensor, old: list, cfg: Config) -> list[tuple[float, dict]]:
     """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so the
-    gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). One pass
-    per batch: π_old is π_θ before this step, so its log-probs are lp's values (TRL's choice; the sampler's own
-    ro.logp agree to ~1e-5 in fp32). Returns each micro-batch's (weight, health statistics)."""
+    gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). π_old is the
+    policy that sampled the batch: the first of its rl.updates passes records its own log-probs into `old` (one
+    tensor per micro-batch; the sampler's ro.logp agree to ~1e-5 in fp32, and a replay would cost a forward), so
+    its ratio is exactly 1; later passes compare with them and Eq. 2's clip bounds how far they move.
+    Returns each micro-batch's (weight, health statistics)."""
     n, mb, world = len(ro.mask), cfg.rl.micro_batch, runtime.rank_world()[1]
     total = runtime.across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
     stats = []
     for i in range(0, n, mb):
         part = slice_rollout(ro, i, i + mb)
         lp, kl = api.log_probs(model, part, cfg)                     # [b, L] each
-        loss, st = grpo.policy_loss(lp, lp.detach(), adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
+        if len(old) == i // mb:                                       # the first pass: log π_old = log π_θ now
+            old.append(lp.detach())
+        loss, st = grpo.policy_loss(lp, old[i // mb], adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
         weight = grpo.micro_batch_share(part.mask, n, total, cfg.grpo)
         (loss * weight).backward()                                    # a NaN reaches this rank's gradient
         stats.append((float(weight), {**st, "loss": float(loss)}))
     return stats
 
 
-def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, cfg: Config, device) -> tuple[dict, str | None]:
-    """One AdamW step on Eq. 2 unless something is not finite (reward, advantage, log-prob, loss or gradient
-    norm, on any rank): then nothing changes, neither the weights nor AdamW's moments. Returns the log row's
-    entries and the reason for a skip (None if the step was taken)."""
+def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, old: list, cfg: Config,
+           device) -> tuple[dict, str | None]:
+    """One AdamW step on Eq. 2 (π_old's log-probs in `old`, see backward) unless something is not finite (reward,
+    advantage, log-prob, loss or gradient norm, on any rank): then nothing changes, neither the weights nor
+    AdamW's moments. Returns the log row's entries and the reason for a skip (None if the step was taken)."""
     checked = {"reward": r, "advantage": adv, "log-prob": ro.logp, "reference": ro.ref}
     why = runtime.first_nonfinite(checked, device)      # the same verdict on every rank (they step in lockstep)
     model.train()
     opt.zero_grad(set_to_none=True)
     if why is None:
-        stats = backward(model, api, ro, adv, cfg)
+        stats = backward(model, api, ro, adv, old, cfg)
         why = runtime.first_nonfinite({"loss": torch.tensor([s["loss"] for _, s in stats])}, device)
     if why is None:
         runtime.average_gradients(params)                             # the global batch's gradient
@@ -364,7 +369,11 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
         gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)          # one per group
         ro, r = collect(api, model, ref, batch, reward, cfg, gens, world)                    # rollout, Eq. 3
         adv, stats = advantages(r, ro, cfg, rank, world)                                      # Eq. 1
-        row, why = update(model, api, opt, params, ro, r, adv, cfg, device)                  # Eq. 2, AdamW
+        old = []                                               # log π_old, recorded by the first update
+        for _ in range(rl.updates):                            # μ AdamW steps on Eq. 2, one batch of rollouts
+            row, why = update(model, api, opt, params, ro, r, adv, old, cfg, device)
+            if why:
+                break
         sched.step()                                           # the LR stays a function of the step
         bad = bad + 1 if why else 0
         if why:

@@ -49,7 +49,8 @@ def test_micro_batches_add_up_to_the_whole_batch_gradient(assets, aggregation):
     adv, grads = torch.tensor([1.0, -1.0, 0.5, -0.5]), []
     for mb in (4, 1):
         model.zero_grad(set_to_none=True)
-        train.backward(model, api, ro, adv, dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb)))
+        per = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, micro_batch=mb))
+        train.backward(model, api, ro, adv, [], per)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert grads[0].norm() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
@@ -199,3 +200,32 @@ def test_nfd_run_end_to_end_with_a_kl_anchor(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(r["grad_norm"] > 0 for r in log)
     assert log[0]["kl_ref"] < 1e-8 < log[1]["kl_ref"]         # anchored to the start, then moving away
     assert set(json.loads((out / "results.json").read_text())) == {"gt", "recon", "before", "after", "gap"}
+
+
+def test_several_updates_per_batch_move_off_policy_and_the_clip_bounds_them(assets, tmp_path):
+    """rl.updates=μ: μ AdamW steps on each batch against π_old, the policy that sampled it. The first has ratio 1
+    and nothing clipped; later ones depart from 1 and Eq. 2's clip acts (clip_frac > 0, logged). The clipped
+    entries carry no gradient: at a step where every ratio lies outside the trust region on the side its
+    advantage pushes, the update's gradient is 0."""
+    cfg = tiny_cfg(assets, extra=["--rl.updates=3"])
+    api, model = train.world_model(cfg)
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(data.load_clips(cfg.data)[0][:2], 16).items()}
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, torch.Generator().manual_seed(0))
+    r, adv, old = torch.zeros(4, 15), torch.tensor([1.0, -1.0, 1.0, -1.0]), []
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, weight_decay=0)
+    rows = [train.update(model, api, opt, params, ro, r, adv, old, cfg, "cpu")[0] for _ in range(3)]
+    assert rows[0]["clip_frac"] == 0 and rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[2]["clip_frac"] > 0 and rows[2]["ratio_mean"] != pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(torch.cat(old), ro.logp, atol=1e-5)  # π_old is the sampler's policy
+    # push every ratio far past the clip on the side of its advantage: the clipped surrogate is flat there
+    lp = train.replay(api.log_probs, model, ro, cfg)
+    far = list((lp - 10 * adv[:, None] * ro.mask).split(cfg.rl.micro_batch))   # π_old: ratios e^{±10}, past 1 ± 0.2
+    model.zero_grad(set_to_none=True)
+    train.backward(model, api, ro, adv, far, cfg)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in params)
+    # end to end: the log shows the last update's clip fraction
+    out = tmp_path / "mu"
+    train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--rl.updates=3"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(row["clip_frac"] > 0 for row in log)
