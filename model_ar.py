@@ -15,9 +15,11 @@ Parameter names follow HF `LlamaForCausalLM` and MineWorld's `LlamaLVM` (`transf
 """
 import dataclasses
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -96,15 +98,29 @@ class VQConfig:
     beta: float = 0.25  # commitment weight β of the VQ-VAE loss (van den Oord et al. 2017, Eq. 3)
     init_from: str = "scratch"  # "scratch", or tokenizer weights with keys model.* (ours, or MineWorld's vae.ckpt)
     diffusers_config: str | None = None  # MineWorld's checkpoints/vae/config.json: use diffusers' VQModel instead
+    # The quantizer. "vq": a learned codebook, MineWorld's layout (what real checkpoints load; docs/formats.md §1.4);
+    # "fsq": finite scalar quantization (Mentzer et al. 2023), a fixed grid of codes, so no codebook to collapse.
+    kind: Literal["vq", "fsq"] = "vq"
+    # FSQ levels per channel: the latent has len(levels) channels, channel i takes levels[i] values; prod(levels)
+    # is the number of codes and must equal codebook_size when kind is fsq (the paper's Table 1 picks e.g. 8, 5, 5, 5
+    # for 1000 codes; 8, 8, 4 gives the laptop scale's 256). Unused with kind vq.
+    levels: tuple[int, ...] = (8, 8, 8)
 
     def __post_init__(self):
         check_fields(self, {
             "frame_hw": SIZES, "stride": ((lambda s: s >= 2 and s & (s - 1) == 0), "a power of 2, >= 2"),
             "codebook_size": at_least(1), "code_dim": at_least(1), "channels": at_least(1), "beta": at_least(0),
             "init_from": nonempty('"scratch" or a checkpoint path'),
-            "diffusers_config": nonempty("the path of MineWorld's vae/config.json")})
+            "diffusers_config": nonempty("the path of MineWorld's vae/config.json"),
+            "levels": ((lambda v: len(v) > 0 and all(n >= 2 for n in v)), "one or more levels, each >= 2")})
         if any(side % self.stride for side in self.frame_hw):
             raise ConfigError(f"frame_hw={self.frame_hw}: each side must be a multiple of stride={self.stride}")
+        if self.kind == "fsq" and math.prod(self.levels) != self.codebook_size:
+            raise ConfigError(f"levels={self.levels}: with kind fsq their product {math.prod(self.levels)} is the "
+                              f"number of codes and must equal codebook_size={self.codebook_size}")
+        if self.kind == "fsq" and self.diffusers_config is not None:
+            raise ConfigError(f"diffusers_config={self.diffusers_config!r}: MineWorld's VQModel is a kind vq "
+                              f"tokenizer; with kind fsq leave diffusers_config unset")
 
     @property
     def grid(self) -> tuple[int, int]:  # latent rows, cols (toy: 8×8; MineWorld: 14×24)
@@ -269,7 +285,8 @@ def new_cache(transformer: Transformer, batch: int, length: int) -> list[tuple[t
 
 # ----------------------------------------------------------------------------------------------------------
 # VQ tokenizer (docs/formats.md §1.4). The toy VQ-VAE has the same submodule names as diffusers' VQModel (encoder,
-# quant_conv, quantize.embedding, post_quant_conv, decoder), so one encode/decode path serves both.
+# quant_conv, quantize.embedding, post_quant_conv, decoder), so one encode/decode path serves both. With vq.kind fsq
+# the toy model's `quantize` is FSQ below instead of a codebook; everything around it stays the same.
 
 
 class Codebook(nn.Module):
@@ -281,8 +298,56 @@ class Codebook(nn.Module):
         nn.init.uniform_(self.embedding.weight, -1.0 / size, 1.0 / size)  # VQ-VAE / diffusers init
 
 
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple", §3):
+    each of d = len(levels) channels is bounded and rounded to one of levels[i] integers; a code is the tuple of
+    the d integers, so the codebook is the fixed grid of prod(levels) tuples. Nothing is learned (no codebook or
+    commitment loss, no code falls out of use) and nothing is saved: a checkpoint holds the convs around it."""
+
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        levels_t = torch.tensor(levels)  # [d]
+        # a code id is the mixed-radix number whose digit i is channel i's level, channel 0 the least significant
+        # (the paper's App. A.1): basis = 1, L_0, L_0·L_1, ...
+        basis = torch.cumprod(F.pad(levels_t[:-1], (1, 0), value=1), 0)  # [d]
+        self.register_buffer("levels", levels_t, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """The bound f(z) of §3, per channel [..., d] -> [..., d]: about ⌊L/2⌋·tanh(z), scaled so that rounding
+        leaves exactly L integers, −(L−1)/2..(L−1)/2 for odd L and, shifted down by half a step, −L/2..L/2−1 for
+        even L; the shift inside the tanh keeps f(0) = 0. The paper's listing (App. A.1) writes (1 − ε) and
+        tan(offset / half_l); atanh makes f(0) = 0 exactly, and (1 + ε) keeps its argument below 1 when L = 2.
+        ε widens the range by 0.1 %, short of the next rounding edge."""
+        levels = self.levels.to(z.dtype)  # [d]
+        half_l = (levels - 1) * (1 + 1e-3) / 2  # [d]
+        offset = (1 - levels % 2) / 2  # [d]: 0.5 for even L, 0 for odd
+        return torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset  # [..., d]
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [B, d, h, w] -> (ẑ [B, d, h, w] in [−1, 1] with a straight-through gradient, ids [B, h, w])."""
+        # fp32: under bf16 autocast a value near a rounding edge could land on the wrong integer
+        bounded = self.bound(rearrange(z, "b d h w -> b h w d").float())  # [B, h, w, d]
+        zhat = bounded + (bounded.round() - bounded).detach()  # [B, h, w, d]: round_ste (§3), backward = f'(z)
+        # renormalised by ⌊L/2⌋ as in App. A.1, so every channel spans about [−1, 1] whatever its L
+        zhat = zhat / (self.levels // 2)  # [B, h, w, d]
+        return rearrange(zhat, "b h w d -> b d h w").to(z.dtype), self.codes_to_ids(zhat.detach())
+
+    def codes_to_ids(self, zhat: torch.Tensor) -> torch.Tensor:
+        """Normalised codes [..., d] -> ids [...] in [0, prod(levels)): digit i = ẑ_i·⌊L_i/2⌋ + ⌊L_i/2⌋ in [0, L_i)."""
+        digits = (zhat * (self.levels // 2)).round().long() + self.levels // 2  # [..., d]
+        return (digits * self.basis).sum(-1)  # [...]
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids [...] -> normalised codes [..., d], the inverse of codes_to_ids: digit i = ⌊id / basis_i⌋ mod L_i."""
+        digits = ids[..., None] // self.basis % self.levels  # [..., d]
+        return (digits - self.levels // 2) / (self.levels // 2)  # [..., d]
+
+
 class VQVAE(nn.Module):
-    """Small conv VQ-VAE: log2(stride) stride-2 convs down, as many transposed convs up."""
+    """Small conv VQ-VAE: log2(stride) stride-2 convs down, as many transposed convs up. With kind fsq the 1×1
+    quant_conv projects the code_dim encoder output down to the d = len(levels) FSQ channels and post_quant_conv
+    back up (FSQ §3: a few channels, each with a few levels, in place of one wide codebook vector)."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -292,10 +357,11 @@ class VQVAE(nn.Module):
         c = cfg.channels
         down = [m for i in range(n_down) for m in (nn.Conv2d(3 if i == 0 else c, c, 4, 2, 1), nn.SiLU())]
         up = [m for _ in range(n_down) for m in (nn.ConvTranspose2d(c, c, 4, 2, 1), nn.SiLU())]
+        d = len(cfg.levels) if cfg.kind == "fsq" else cfg.code_dim  # width of what is quantized
         self.encoder = nn.Sequential(*down, nn.Conv2d(c, cfg.code_dim, 3, 1, 1))
-        self.quant_conv = nn.Conv2d(cfg.code_dim, cfg.code_dim, 1)
-        self.quantize = Codebook(cfg.codebook_size, cfg.code_dim)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.code_dim, 1)
+        self.quant_conv = nn.Conv2d(cfg.code_dim, d, 1)
+        self.quantize = FSQ(cfg.levels) if cfg.kind == "fsq" else Codebook(cfg.codebook_size, cfg.code_dim)
+        self.post_quant_conv = nn.Conv2d(d, cfg.code_dim, 1)
         self.decoder = nn.Sequential(nn.Conv2d(cfg.code_dim, c, 3, 1, 1), nn.SiLU(), *up, nn.Conv2d(c, 3, 3, 1, 1))
 
 
@@ -317,8 +383,20 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor):
     return z + (zq - z).detach(), ids, codebook_loss, commit_loss
 
 
+def code_usage(ids: torch.Tensor, n_codes: int) -> dict:
+    """How much of a codebook of n_codes the ids (any shape) use: the number of codes seen, their share of
+    n_codes, and the perplexity exp(H) of the code histogram (the effective number of equally used codes,
+    = codes_used when all are used equally). A collapsing VQ codebook shows as a small share."""
+    counts = torch.bincount(ids.flatten(), minlength=n_codes).float()  # [K]
+    p = counts[counts > 0] / counts.sum()  # [used]: 0·log 0 = 0
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "codes_share": round(used / n_codes, 4),
+            "codes_perplexity": round(float(torch.exp(-(p * p.log()).sum())), 2)}
+
+
 class Tokenizer(nn.Module):
-    """MineWorld's `vae.VAE` wrapper: frames uint8 ↔ ids; `.model` is the toy VQVAE or a diffusers VQModel."""
+    """MineWorld's `vae.VAE` wrapper: frames uint8 ↔ ids; `.model` is the toy VQVAE or a diffusers VQModel.
+    The quantizer is a codebook (kind vq: nearest code) or FSQ (kind fsq: a fixed grid); the rest is shared."""
 
     def __init__(self, cfg: VQConfig, model: nn.Module | None = None):
         super().__init__()
@@ -326,17 +404,20 @@ class Tokenizer(nn.Module):
         self.model = model if model is not None else VQVAE(cfg)
 
     def latents(self, frames: torch.Tensor) -> torch.Tensor:
-        """Pre-quantisation latents [B, D, h, w] of frames uint8 [B, H, W, 3]."""
+        """Pre-quantisation latents [B, D, h, w] of frames uint8 [B, H, W, 3] (kind fsq: D = len(levels))."""
         if frames.dtype != torch.uint8 or tuple(frames.shape[1:]) != (*self.cfg.frame_hw, 3):
             raise ValueError(f"tokenizer expects uint8 frames [B, {self.cfg.frame_hw[0]}, {self.cfg.frame_hw[1]}, 3], "
                              f"got {frames.dtype} {tuple(frames.shape)}; resize or set vq.frame_hw")
-        dtype = self.model.quantize.embedding.weight.dtype
+        dtype = self.model.quant_conv.weight.dtype  # the weights' dtype (toy model and diffusers' VQModel alike)
         x = rearrange(frames, "b h w c -> b c h w").to(dtype) / 255.0 * 2 - 1  # [B, 3, H, W]: /255, Normalize(0.5, 0.5)
         return self.model.quant_conv(self.model.encoder(x))
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames uint8 [B, H, W, 3] -> ids [B, h·w], row-major (token = row·w + col)."""
-        return nearest_codes(self.latents(frames), self.model.quantize.embedding.weight).flatten(1)
+        z = self.latents(frames)  # [B, D, h, w]
+        if self.cfg.kind == "fsq":
+            return self.model.quantize(z)[1].flatten(1)
+        return nearest_codes(z, self.model.quantize.embedding.weight).flatten(1)
 
     def decode_latents(self, zq: torch.Tensor) -> torch.Tensor:
         return self.model.decoder(self.model.post_quant_conv(zq))  # [B, 3, H, W] in about [-1, 1]
@@ -344,7 +425,11 @@ class Tokenizer(nn.Module):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids [B, h·w] -> frames uint8 [B, H, W, 3]: clamp to [-1, 1], then (x+1)/2·255 cast (truncated)."""
         h, w = self.cfg.grid
-        zq = rearrange(self.model.quantize.embedding.weight[ids], "b (h w) d -> b d h w", h=h, w=w)  # [B, D, h, w]
+        if self.cfg.kind == "fsq":  # the grid point of each id, in the dtype the convs run in
+            codes = self.model.quantize.ids_to_codes(ids).to(self.model.post_quant_conv.weight.dtype)  # [B, h·w, D]
+        else:
+            codes = self.model.quantize.embedding.weight[ids]  # [B, h·w, D]
+        zq = rearrange(codes, "b (h w) d -> b d h w", h=h, w=w)  # [B, D, h, w]
         x = self.decode_latents(zq).float().clamp(-1, 1)  # [B, 3, H, W]
         return rearrange(((x + 1) / 2 * 255).to(torch.uint8), "b c h w -> b h w c")  # [B, H, W, 3]
 
@@ -354,16 +439,20 @@ class Tokenizer(nn.Module):
         return self.decode(self.encode(frames.flatten(0, -4))).view(frames.shape)
 
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """VQ-VAE pretraining loss: MSE reconstruction (in [-1, 1]) + codebook + β·commitment."""
+        """VQ-VAE pretraining loss: MSE reconstruction (in [-1, 1]) + codebook + β·commitment. With kind fsq
+        the reconstruction is the whole loss (FSQ §3: a fixed grid has no codebook to move, nothing to commit to)."""
         target = rearrange(frames, "b h w c -> b c h w").float() / 255.0 * 2 - 1  # [B, 3, H, W]
-        zq, ids, codebook_loss, commit_loss = quantize(self.latents(frames), self.model.quantize.embedding.weight)
+        z = self.latents(frames)  # [B, D, h, w]
+        if self.cfg.kind == "fsq":
+            zq, ids = self.model.quantize(z)  # [B, d, h, w], [B, h, w]
+            codebook_loss = commit_loss = zq.new_zeros(())
+        else:
+            zq, ids, codebook_loss, commit_loss = quantize(z, self.model.quantize.embedding.weight)
         recon = F.mse_loss(self.decode_latents(zq), target)
-        usage = torch.bincount(ids.flatten(), minlength=self.cfg.codebook_size).float()  # [K]
-        p = usage / usage.sum()
-        perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())  # effective number of codes in this batch
+        usage = code_usage(ids, self.cfg.codebook_size)  # of this batch
         loss = recon + codebook_loss + self.cfg.beta * commit_loss
         stats = dict(recon=recon.item(), codebook=codebook_loss.item(), commit=commit_loss.item(),
-                     perplexity=perplexity.item(), used_codes=int((usage > 0).sum()))
+                     perplexity=usage["codes_perplexity"], used_codes=usage["codes_used"])
         return loss, stats
 
 
@@ -439,7 +528,7 @@ def load_weights(module: nn.Module, sd: dict, source: str) -> None:
     """Strict load (runtime.load_strict): the missing, unexpected and mis-shaped keys are named (the first 5 of
     each); dtypes are cast to the module's."""
     load_strict(module, sd, f"checkpoint {source}",
-                "use the ar/vq config it was trained with (hidden, layers, heads, vocab, codebook)")
+                "use the ar/vq config it was trained with (hidden, layers, heads, vocab, codebook, vq.kind, levels)")
 
 
 def load_checkpoint(model: WorldModel, path: str, key: str = "ar.init_from") -> None:

@@ -250,7 +250,7 @@ def train_vq(cfg: Config, device: torch.device) -> None:
 
     def loss_fn(step):
         tok.train()
-        return tok.loss(sample())[0]                          # reconstruction + codebook + commitment
+        return tok.loss(sample())[0]                          # reconstruction (+ codebook + commitment: vq)
 
     @torch.no_grad()
     def evaluate():
@@ -258,8 +258,10 @@ def train_vq(cfg: Config, device: torch.device) -> None:
         x = held["frames"][:, 1:].flatten(0, 1).to(device)   # [N*15, H, W, 3]
         ids = tok.encode(x)                                   # [N*15, h, w] code ids
         mse = ((tok.decode(ids).float() - x.float()) ** 2).mean()
+        # codes_used, codes_share (of vq.codebook_size) and codes_perplexity (exp of the histogram's entropy,
+        # the effective number of codes): a collapsing codebook shows here, an FSQ grid that is not filled too
         return {"psnr": round(float(10 * torch.log10(255 ** 2 / mse)), 2),
-                "codes_used": int(ids.unique().numel())}     # a collapsing codebook shows here
+                **model_ar.code_usage(ids, cfg.vq.codebook_size)}
 
     fit("vq", cfg, tok, loss_fn, evaluate,
         lambda out: runtime.save_atomic({"state_dict": half(tok)}, out), device)

@@ -1,4 +1,4 @@
-"""Tests for model_ar.py: HF parity, paper-scale sizes, KV cache, log-probs, sampling, checkpoints, VQ."""
+"""Tests for model_ar.py: HF parity, paper-scale sizes, KV cache, log-probs, sampling, checkpoints, VQ, FSQ."""
 import argparse
 import dataclasses
 import math
@@ -8,17 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from einops import rearrange
 
 import config
 from model_ar import (
     ACTION_VOCAB,
+    FSQ,
     ARConfig,
     Rollout,
+    Tokenizer,
     Transformer,
     VQConfig,
     WorldModel,
     build_sequence,
     build_world_model,
+    code_usage,
     generate,
     generated_positions,
     lm_loss,
@@ -32,6 +36,7 @@ from model_ar import (
     sample_image_token,
     top_p_filter,
 )
+from runtime import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -365,3 +370,107 @@ def test_mineworld_vae_errors_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # behave as if diffusers were not installed
     with pytest.raises(ImportError, match=r"pip install diffusers==0.32.2"):
         load_mineworld_vae(str(tmp_path / "config.json"), str(tmp_path / "vae.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSQ tokenizer (vq.kind fsq)
+
+
+def fsq_config(**overrides) -> VQConfig:
+    """The tiny tokenizer of tiny_configs with FSQ levels (4, 3): 2 channels, 12 codes, 2×2 tokens per frame."""
+    return VQConfig(**{**dict(frame_hw=(16, 16), stride=8, codebook_size=12, code_dim=8, channels=8, kind="fsq",
+                              levels=(4, 3)), **overrides})
+
+
+def test_fsq_tokenizer_shapes_dtypes_and_a_world_model_on_top():
+    torch.manual_seed(0)
+    tok = Tokenizer(fsq_config())
+    frames = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    ids = tok.encode(frames)
+    assert ids.shape == (5, 4) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 12
+    out = tok.decode(ids)
+    assert out.shape == (5, 16, 16, 3) and out.dtype == torch.uint8
+    assert torch.equal(tok.roundtrip(frames[None]), out[None])
+    # only the convs are weights: the quantizer has no parameters and saves nothing; quant_conv projects to 2 channels
+    sd = tok.state_dict()
+    assert not any(k.startswith("model.quantize") for k in sd) and sd["model.quant_conv.weight"].shape == (2, 8, 1, 1)
+    # the AR world model runs on it unchanged: 12 image codes, then the action ids
+    ar, _ = tiny_configs(n_codes=12)
+    model = WorldModel(ar, fsq_config())
+    x0, actions = prompt(ar, batch=2)
+    ro = generate(model, x0, actions, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert ro.frames.shape == (2, 3, 16, 16, 3) and (ro.tokens[ro.mask.bool()] < 12).all()
+
+
+def test_fsq_ids_and_per_channel_levels_are_a_bijection():
+    levels = (2, 3, 4, 5, 8)  # even and odd, and the smallest level
+    fsq, k, d = FSQ(levels), math.prod(levels), len(levels)
+    ids = torch.arange(k)
+    codes = fsq.ids_to_codes(ids)  # [K, d] normalised grid points
+    assert codes.unique(dim=0).shape == (k, d) and codes.abs().max() <= 1  # K distinct points
+    assert torch.equal(fsq.codes_to_ids(codes), ids)
+    # the bound leaves exactly L_i integers per channel: a dense sweep of z reaches each of them, no more
+    sweep = torch.linspace(-12, 12, 24001)  # [S]
+    rounded = fsq.bound(sweep[:, None].expand(-1, d)).round()  # [S, d]
+    assert [len(rounded[:, i].unique()) for i in range(d)] == list(levels)
+    # at the quantizer: a latent in the middle of each code's cell quantizes to that code and id
+    ints = codes * (torch.tensor(levels) // 2)  # [K, d]: the integer level of each channel
+    z = torch.stack([torch.stack([sweep[rounded[:, i] == v].median() for v in ints[:, i]]) for i in range(d)], 1)
+    zhat, got = fsq(rearrange(z, "k d -> 1 d k 1"))
+    assert torch.equal(got.flatten(), ids)
+    torch.testing.assert_close(rearrange(zhat, "1 d k 1 -> k d"), codes.float(), atol=1e-6, rtol=0)
+
+
+def test_fsq_rounding_passes_the_bounds_gradient_straight_through():
+    fsq = FSQ((5, 4))
+    z = (1.5 * torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    zhat, _ = fsq(z)
+    half = torch.tensor([2.0, 2.0]).view(1, 2, 1, 1)  # ⌊L/2⌋ per channel
+    grid = (zhat * half).detach()  # the integer levels, up to float rounding
+    torch.testing.assert_close(grid, grid.round(), atol=1e-6, rtol=0)  # the forward values are the grid
+    weights = torch.randn_like(z)
+    (zhat * weights).sum().backward()
+    # expected: the bound's own derivative, as if there were no rounding (round_ste)
+    plain = z.detach().requires_grad_()
+    bounded = rearrange(fsq.bound(rearrange(plain, "b d h w -> b h w d")), "b h w d -> b d h w")
+    (bounded / half * weights).sum().backward()
+    torch.testing.assert_close(z.grad, plain.grad)
+    assert (z.grad != 0).all() and not torch.allclose(z.grad, weights / half)  # f' in (0, 1], not the identity
+
+
+def test_fsq_tokenizer_trains_one_pretrain_step():
+    torch.manual_seed(0)
+    tok = Tokenizer(fsq_config())
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-3)
+    before = tok.model.encoder[0].weight.detach().clone()
+    loss, stats = tok.loss(torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(stats["recon"])  # no codebook, no commitment
+    assert stats["codebook"] == stats["commit"] == 0 and 1 <= stats["used_codes"] <= 12
+    loss.backward()
+    assert tok.model.encoder[0].weight.grad.abs().sum() > 0  # through the rounding, down to the first conv
+    opt.step()
+    assert not torch.equal(tok.model.encoder[0].weight, before)
+
+
+def test_code_usage_by_hand():
+    assert code_usage(torch.tensor([[0, 2], [2, 0]]), 4) == {"codes_used": 2, "codes_share": 0.5,
+                                                              "codes_perplexity": 2.0}
+    assert code_usage(torch.arange(4), 4)["codes_perplexity"] == 4.0
+    assert code_usage(torch.zeros(9, dtype=torch.long), 4) == {"codes_used": 1, "codes_share": 0.25,
+                                                                "codes_perplexity": 1.0}
+
+
+def test_fsq_config_errors_name_the_fields():
+    with pytest.raises(ConfigError, match=r"levels=\(8, 8, 4\): .*product 256 .*codebook_size=512"):
+        VQConfig(kind="fsq", levels=(8, 8, 4))
+    with pytest.raises(ConfigError, match=r"levels=\(8, 1\): must be one or more levels, each >= 2"):
+        VQConfig(levels=(8, 1))
+    with pytest.raises(ConfigError, match=r"diffusers_config='vae/config.json'.*kind fsq"):
+        VQConfig(kind="fsq", diffusers_config="vae/config.json")
+    VQConfig(levels=(8, 8, 4))  # kind vq: the levels are unused, only range-checked
+    cfg, _ = config.parse(config.Config, ["--vq.kind=fsq", "--vq.levels=[8, 8, 4]", "--vq.codebook_size=256"])
+    assert cfg.vq.levels == (8, 8, 4) and cfg.vq.kind == "fsq"
+    with pytest.raises(ConfigError, match=r"vq.kind: 'lfq' is not one of 'vq', 'fsq'"):
+        config.parse(config.Config, ["--vq.kind=lfq"])
+    with pytest.raises(ConfigError, match=r"vq.levels=\(8, 8\): with kind fsq"):
+        config.parse(config.Config, ["--vq.kind=fsq", "--vq.levels=[8, 8]"])

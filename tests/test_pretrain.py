@@ -40,10 +40,12 @@ def test_idm_stage(tmp_path):
                                                      again.state_dict().values()))
 
 
-def test_ar_stages(tmp_path):
-    vq_args = ["--vq.channels=8", "--vq.code_dim=8", "--vq.codebook_size=16"]
+@pytest.mark.parametrize("quantizer", [[], ["--vq.kind=fsq", "--vq.levels=[4, 4]"]], ids=["vq", "fsq"])
+def test_ar_stages(tmp_path, quantizer):
+    vq_args = ["--vq.channels=8", "--vq.code_dim=8", "--vq.codebook_size=16", *quantizer]
     vq, last = run("vq", tmp_path, *vq_args)
-    assert last["psnr"] > 0
+    assert last["psnr"] > 0 and last["codes_share"] == round(last["codes_used"] / 16, 4)
+    assert 1 <= last["codes_perplexity"] <= last["codes_used"] + 1e-6   # the code usage of the held-out frames
     ar_args = [*vq_args, f"--vq.init_from={vq}", "--ar.n_codes=16", "--ar.vocab_size=86",
                "--ar.hidden=32", "--ar.intermediate=64", "--ar.heads=2", "--ar.kv_heads=1",
                "--ar.layers=1"]
