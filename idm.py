@@ -553,3 +553,13 @@ def load(path: str, key: str = "rl.reward_idm") -> IDM:
     with torch.device("meta"):
         idm = IDM(ckpt["kwargs"], ckpt["temperature"])
     return _load_weights(idm, ckpt["state_dict"], path)
+
+
+def load_reward_idms(reward_idm: str, vpt_idm: str = "") -> list[IDM]:
+    """The IDMs that give the inverse reward (train.py's rl.reward_idm, rl.vpt_idm): OpenAI's ("MODEL,WEIGHTS",
+    load_vpt), else the idm.save files of `reward_idm`, comma-separated for an ensemble whose Eq. 3 terms are
+    averaged (inverse_reward)."""
+    if vpt_idm:
+        model_path, _, weights_path = vpt_idm.partition(",")
+        return [load_vpt(model_path, weights_path)]
+    return [load(path, "rl.reward_idm") for path in reward_idm.split(",")]

@@ -39,7 +39,8 @@ PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExi
 def cli(main) -> None:
     """Run `main(sys.argv[1:])` as a command. `-h` or `--help` anywhere prints the entry module's docstring (its
     usage) and exits 0, before any work. An error the user must fix is one line on stderr and exit status 2
-    (as argparse does); anything else is a bug and keeps its traceback."""
+    (as argparse does); Ctrl-C is one line and exit status 130; anything else is a bug and keeps its traceback.
+    (train.py's GRPO loop catches Ctrl-C itself: it saves a checkpoint and exits 0.)"""
     argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:
         print((sys.modules[main.__module__].__doc__ or "").strip())
@@ -50,6 +51,9 @@ def cli(main) -> None:
         message = " ".join(str(e).split())                    # YAML and key-list messages span lines
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                                 # Ctrl-C outside a loop that saves on it
+        print(f"\n{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,9 +66,8 @@ def world_model(cfg: Config):
 def slice_rollout(ro, i: int, j: int):
     """Rows i..j of a rollout. Per-sample fields are at least 2-D and batch-first; 1-D ones (the
     diffusion time grid and coefficients, frame_of) are shared by all rows."""
-    return dataclasses.replace(ro, **{f.name: getattr(ro, f.name)[i:j] for f in dataclasses.fields(ro)
-                                      if torch.is_tensor(getattr(ro, f.name))
-                                      and getattr(ro, f.name).ndim >= 2})
+    rows = {f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)}
+    return dataclasses.replace(ro, **{k: v[i:j] for k, v in rows.items() if torch.is_tensor(v) and v.ndim >= 2})
 
 
 @torch.no_grad()
@@ -85,22 +84,13 @@ def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
 # (a clip's reward is their mean). The inverse reward (Eq. 3, idm.inverse_reward) or, as the baseline,
 # RLVR-World's pixel reward (Eq. 6, pixel_reward.py).
 # ---------------------------------------------------------------------------------------------
-def load_reward_idms(cfg: Config, device) -> list[idm_lib.IDM]:
-    """The reward IDM: OpenAI's (rl.vpt_idm) or an idm.save file; rl.reward_idm may list several files,
-    comma-separated, for an ensemble whose rewards are averaged."""
-    if cfg.rl.vpt_idm:
-        model_path, _, weights_path = cfg.rl.vpt_idm.partition(",")
-        return [idm_lib.load_vpt(model_path, weights_path).to(device)]
-    return [idm_lib.load(path, "rl.reward_idm").to(device) for path in cfg.rl.reward_idm.split(",")]
-
-
 def reward_fn(cfg: Config, device, clips: list):
     """The run's reward function; `clips` are the prompts, whose label frequencies rl.granularity "balanced"
     weighs by (data.label_weights)."""
     if cfg.rl.reward == "pixel":
         lpips_fn = pixel_reward.load_lpips(cfg.eval.lpips_backbone)[0]
         return lambda frames, batch: pixel_reward.pixel_reward(frames, batch["frames"], lpips_fn)
-    idms = load_reward_idms(cfg, device)
+    idms = [net.to(device) for net in idm_lib.load_reward_idms(cfg.rl.reward_idm, cfg.rl.vpt_idm)]
     weights = data.label_weights(clips) if cfg.rl.granularity == "balanced" else None
     return lambda frames, batch: idm_lib.inverse_reward(idms, frames, batch["groups"], cfg.rl.granularity,
                                                         cfg.rl.reading, weights)
@@ -285,9 +275,10 @@ def resume(ckpt: Path, out: Path, model, opt, sched, cfg: Config) -> int:
         return 0
     state = runtime.read_checkpoint(str(ckpt), "the run's ckpt.pt")
     runtime.check_checkpoint(state, str(ckpt))
-    saved, now = dict(config.flatten(state["config"])), dict(config.flatten(config.to_dict(cfg)))
-    changed = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-               if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    # fields the checkpoint's version lacked read as their defaults; fields since removed are not compared
+    saved = {**dict(config.flatten(config.to_dict(Config()))), **dict(config.flatten(state["config"]))}
+    now = dict(config.flatten(config.to_dict(cfg)))
+    changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in now.items() if k not in RESUMABLE and saved[k] != v]
     if changed:
         raise UsageError(f"{ckpt} was saved with {', '.join(changed)}: resuming would mix two runs; rerun with the "
                          f"config it was saved with ({out / 'config.yaml'}) or choose another --run.out")

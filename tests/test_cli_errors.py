@@ -226,3 +226,14 @@ def test_importing_a_stage_imports_no_entry_point(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}, sys; print([m for m in {entry} if m in sys.modules])"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a command loads or evaluates: exit 130 and one line, no KeyboardInterrupt traceback."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit) as e:
+        runtime.cli(interrupted)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "train.py: interrupted" and "Traceback" not in err
