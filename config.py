@@ -274,17 +274,9 @@ class EvalConfig:
             "best_of": at_least(0, "0 = no best_of row"), "videos": at_least(0, "0 = no video"), "fps": at_least(1)})
 
 
-@dataclasses.dataclass
-class Config:
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    idm: IDMConfig = dataclasses.field(default_factory=IDMConfig)
-    ar: ARConfig = dataclasses.field(default_factory=ARConfig)
-    vq: VQConfig = dataclasses.field(default_factory=VQConfig)
-    nfd: NFDConfig = dataclasses.field(default_factory=NFDConfig)
-    ae: AEConfig = dataclasses.field(default_factory=AEConfig)
-    sde: SDEConfig = dataclasses.field(default_factory=SDEConfig)
-    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
-    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
-    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+# The whole config: one section per stage, each overridden on the command line as `--section.key=value`.
+SECTIONS = {"run": RunConfig, "data": DataConfig, "idm": IDMConfig, "ar": ARConfig, "vq": VQConfig,
+            "nfd": NFDConfig, "ae": AEConfig, "sde": SDEConfig, "grpo": GRPOConfig, "rl": RLConfig,
+            "pretrain": PretrainConfig, "eval": EvalConfig}
+Config = dataclasses.make_dataclass(
+    "Config", [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in SECTIONS.items()])
