@@ -196,6 +196,9 @@ class RLConfig:
     # μ: AdamW steps on each batch of rollouts (GRPO's μ, Shao et al. 2024, Alg. 1). π_old is the policy that
     # sampled, so from the second step on the ratio departs from 1 and Eq. 2's clip bounds the move (clip_frac)
     updates: int = 1
+    # steps between re-anchoring π_ref (Eq. 2's KL, grpo.beta > 0) to the current policy, as long-horizon RL recipes
+    # reset their reference: the KL then bounds each stretch of K steps, not the whole distance from the base; 0 = never
+    ref_reset: int = 0
     reward: Literal["idm", "pixel"] = "idm"  # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
     # per frame: "exact" (Eq. 3, all 9 groups), "group" (their mean) or "balanced" (the 7 judged groups, weighted
     # by the inverse frequency of the true label in the prompt pool: a surrogate of macro F1; idm.inverse_reward)
@@ -217,6 +220,7 @@ class RLConfig:
     def __post_init__(self):
         check_fields(self, {
             "steps": at_least(1), "prompts": at_least(1), "micro_batch": at_least(1), "updates": at_least(1),
+            "ref_reset": at_least(0, "0 = never"),
             "group_size": at_least(2, "with one rollout per prompt every advantage of Eq. 1 is 0: nothing is learned"),
             "lr": POSITIVE, "warmup": at_least(0), "weight_decay": at_least(0), "grad_clip": POSITIVE,
             "vpt_idm": ((lambda v: v == "" or (v.count(",") == 1 and "" not in v.split(","))),

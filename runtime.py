@@ -284,13 +284,14 @@ def set_rng_state(rng: dict) -> None:
     random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
 
 
-def save_checkpoint(path: str | Path, model, opt, sched, step: int, cfg: dict) -> None:
+def save_checkpoint(path: str | Path, model, opt, sched, step: int, cfg: dict, ref=None) -> None:
     """Everything a resume needs, as a plain dict written atomically: weights, optimizer, scheduler (None when
-    the caller sets the lr itself), step, the resolved config (config.to_dict) and every RNG state. The data
-    position is `step`: the batches and the rollout noise are pure functions of (seed, step)."""
+    the caller sets the lr itself), step, the resolved config (config.to_dict), every RNG state and, when it is
+    no longer the base, the reference model's weights (`ref`). The data position is `step`: the batches and the
+    rollout noise are pure functions of (seed, step)."""
     save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict() if sched is not None else {}, "step": step, "config": cfg,
-                 "rng": rng_state()}, path)
+                 "rng": rng_state(), **({"ref": ref.state_dict()} if ref is not None else {})}, path)
 
 
 def check_checkpoint(state, path: str) -> None:
@@ -300,11 +301,13 @@ def check_checkpoint(state, path: str) -> None:
         raise UsageError(f"{path} lacks {missing}: not a checkpoint of this program; delete it or point to another")
 
 
-def load_checkpoint(state: dict, path: str, model, opt, sched) -> int:
+def load_checkpoint(state: dict, path: str, model, opt, sched, ref=None) -> int:
     """Restore a save_checkpoint dict (read with read_checkpoint) into model (strictly: load_strict), optimizer,
-    scheduler and the RNGs; -> the step it was saved at."""
+    scheduler, the RNGs and, if it holds one, `ref`; -> the step it was saved at."""
     check_checkpoint(state, path)
     load_strict(model, state["model"], path, "delete it or rerun with the config it was saved with")
+    if ref is not None and "ref" in state:
+        load_strict(ref, state["ref"], path, "delete it or rerun with the config it was saved with")
     opt.load_state_dict(state["optimizer"])
     if sched is not None:
         sched.load_state_dict(state["scheduler"])

@@ -268,7 +268,7 @@ def hold(out: Path, stack: contextlib.ExitStack) -> None:
         raise UsageError(f"another run is using {out}; wait for it to end or choose another --run.out") from None
 
 
-def resume(ckpt: Path, out: Path, model, opt, sched, cfg: Config) -> int:
+def resume(ckpt: Path, out: Path, model, ref, opt, sched, cfg: Config) -> int:
     """The step to continue from: 0 for a new run, else the checkpoint's, after loading it. A checkpoint whose
     config differs from this one beyond RESUMABLE is refused, naming the fields, before anything changes."""
     if not ckpt.exists():
@@ -285,7 +285,7 @@ def resume(ckpt: Path, out: Path, model, opt, sched, cfg: Config) -> int:
     if not (out / "results.json").exists():
         raise UsageError(f"{out / 'results.json'} is missing, so the run's before row is lost; "
                          f"start again with another --run.out")
-    return runtime.load_checkpoint(state, str(ckpt), model, opt, sched)
+    return runtime.load_checkpoint(state, str(ckpt), model, opt, sched, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
     opt = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: runtime.lr_factor(s, rl.steps, rl.warmup))
     ckpt = out / "ckpt.pt"
-    start = resume(ckpt, out, model, opt, sched, cfg)
+    start = resume(ckpt, out, model, ref, opt, sched, cfg)
     if rank == 0:                                              # only now does the run write to its folder
         if not locked:
             hold(out, stack)
@@ -357,6 +357,8 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
     for step in (bar := tqdm(range(start, rl.steps), desc="rlir", disable=rank > 0)):
         t0 = time.time()
         batch = {k: v.repeat_interleave(G, 0).to(device) for k, v in next(batches).items()}  # groups of G
+        if ref is not None and rl.ref_reset and step and step % rl.ref_reset == 0:
+            ref.load_state_dict(model.state_dict())            # re-anchor Eq. 2's π_ref to the current policy
         gens = group_generators(cfg.run.seed, step, rl.prompts, rank, world, device)          # one per group
         ro, r = collect(api, model, ref, batch, reward, cfg, gens, world)                    # rollout, Eq. 3
         adv, stats = advantages(r, ro, cfg, rank, world)                                      # Eq. 1
@@ -380,7 +382,8 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
                 rows = evaluate.world_model_rows(api, model, held, cfg, (f"step {step + 1}",), device, None, scorers)
                 bar.write(json.dumps(rows[f"step {step + 1}"]))
             if (step + 1) % rl.save_every == 0 or done or stopping:
-                runtime.save_checkpoint(ckpt, model, opt, sched, step + 1, config.to_dict(cfg))
+                runtime.save_checkpoint(ckpt, model, opt, sched, step + 1, config.to_dict(cfg),
+                                        ref if rl.ref_reset else None)
         if bad >= rl.max_bad_steps:
             raise UsageError(f"stopping at step {step + 1}: {bad} consecutive skipped steps (last: non-finite {why}; "
                              f"rl.max_bad_steps={rl.max_bad_steps}); fix the cause and rerun to resume from {ckpt}")

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny world model: the GRPO invariants and exact resume."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import grpo
 import idm as idm_lib
 import model_diffusion
 import pixel_reward
+import runtime
 import train
 from conftest import tiny_args, tiny_cfg, tiny_nfd_args
 
@@ -229,3 +231,32 @@ def test_several_updates_per_batch_move_off_policy_and_the_clip_bounds_them(asse
     train.main([*tiny_args(assets, out, steps=2), "--rl.reward=pixel", "--rl.updates=3"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(row["clip_frac"] > 0 for row in log)
+
+
+def test_a_reference_reset_re_anchors_the_kl_and_a_resume_restores_the_reset_reference(tmp_path, monkeypatch):
+    """rl.ref_reset=K copies the policy into π_ref before every K-th step: at that step's first pass the policy is
+    the reference, so the logged KL is 0, and between resets it grows again. The checkpoint holds the reset π_ref,
+    so a run resumed between two resets (step 3 of 4, reset at 2) ends where the unbroken run ends."""
+    saved = {}
+    save = runtime.save_checkpoint
+
+    def keep_step_3(path, model, opt, sched, step, cfg, ref=None):     # a copy of the checkpoint written at step 3
+        save(path, model, opt, sched, step, cfg, ref)
+        if step == 3:
+            saved["ckpt"] = path.read_bytes()
+    monkeypatch.setattr(runtime, "save_checkpoint", keep_step_3)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    extra = ["--rl.ref_reset=2", "--rl.save_every=1"]
+    train.main([*tiny_nfd_args(whole, steps=4), *extra])
+    kl = [json.loads(line)["kl_ref"] for line in (whole / "log.jsonl").read_text().splitlines()]
+    assert kl[0] < 1e-8 and kl[2] < 1e-8 and kl[1] > 1e-6 and kl[3] > 1e-6    # 0 right after each (re)set
+    state = torch.load(whole / "ckpt.pt", weights_only=True)
+    assert any(not torch.equal(state["ref"][k], state["model"][k]) for k in state["model"])
+    # the run as if killed after step 3: its folder, the step-3 checkpoint, then the same command
+    shutil.copytree(whole, broken)
+    (broken / "ckpt.pt").write_bytes(saved["ckpt"])
+    train.main([*tiny_nfd_args(broken, steps=4), *extra])
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (whole, broken))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (broken / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[3]["kl_ref"] == pytest.approx(kl[3], rel=1e-6)
