@@ -199,6 +199,9 @@ class RLConfig:
     # steps between re-anchoring π_ref (Eq. 2's KL, grpo.beta > 0) to the current policy, as long-horizon RL recipes
     # reset their reference: the KL then bounds each stretch of K steps, not the whole distance from the base; 0 = never
     ref_reset: int = 0
+    # what turns advantages into a step: "grpo", Eq. 2 on the rollout's log-probs (the paper: tokens for AR, SDE
+    # transitions for NFD); "nft", DiffusionNFT on the forward process of the clean samples (NFD only; grpo.nft_loss)
+    objective: Literal["grpo", "nft"] = "grpo"
     reward: Literal["idm", "pixel"] = "idm"  # "idm" (Eq. 3, RLIR) or "pixel" (Eq. 6, RLVR-World: -(L1 + LPIPS))
     # per frame: "exact" (Eq. 3, all 9 groups), "group" (their mean) or "balanced" (the 7 judged groups, weighted
     # by the inverse frequency of the true label in the prompt pool: a surrogate of macro F1; idm.inverse_reward)

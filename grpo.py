@@ -27,12 +27,15 @@ class GRPOConfig:
     adv_clip: float | None = 5.0  # clamp advantages to [−adv_clip, adv_clip] (Flow-GRPO/DanceGRPO); None = off
     # "grpo": per-sequence mean then mean (Eq. 2) | "token": DAPO | "dr_grpo": sum / (N·L)
     aggregation: Literal["grpo", "token", "dr_grpo"] = "grpo"
+    # DiffusionNFT's β (rl.objective "nft", nft_loss): how far the implicit positive and negative policies sit from
+    # θ_old along the current one; 1 = the positive policy is θ itself (its paper's default)
+    nft_beta: float = 1.0
 
     def __post_init__(self):
         # the choice-valued fields (Literal) are checked by config.py when the config is read
         check_fields(self, {
             "eps": within(0, 1), "eps_high": at_least(0), "beta": at_least(0), "adv_eps": at_least(0),
-            "adv_clip": POSITIVE})
+            "adv_clip": POSITIVE, "nft_beta": POSITIVE})
 
 
 # -----------------------------------------------------------------------------
@@ -187,3 +190,53 @@ def micro_batch_share(mask: torch.Tensor, rows: int, tokens: float, cfg: GRPOCon
     entries) in the whole batch's, so that the micro-batches' gradients add up to the batch's: its share of the
     rows for "grpo" and "dr_grpo" (means over rows), of the trained entries for "token" (a mean over entries)."""
     return float(mask.sum()) / tokens if cfg.aggregation == "token" else len(mask) / rows
+
+
+# -----------------------------------------------------------------------------
+# DiffusionNFT (Zheng et al. 2025, "Online Diffusion Reinforcement with Forward Process", §3): the same
+# advantages, trained on the forward process of the policy's own clean samples instead of SDE log-probs
+
+
+def nft_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, adv: torch.Tensor, cfg: GRPOConfig,
+             v_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DiffusionNFT's negative-aware flow-matching loss and its statistics.
+
+    v       [N, T, ...] the current policy's velocity at x_t = (1 − t)·x0 + t·ε, one noised draw per generated
+            frame x0 (differentiable)
+    v_old   [N, T, ...] θ_old's (the sampler's) velocity at the same x_t (constants)
+    target  [N, T, ...] the flow-matching target ε − x0
+    adv     [N] or [N, T] Eq. 1's advantages, clamped to ±cfg.adv_clip = Z
+    v_ref   [N, T, ...] the frozen reference's velocity at the same x_t; in the loss when cfg.beta > 0
+
+    The optimality probability r = ½ + ½·A/Z ∈ [0, 1] mixes an implicit positive policy v⁺ = (1 − β)·v_old + β·v
+    and an implicit negative one v⁻ = (1 + β)·v_old − β·v (β = cfg.nft_beta): ℓ = (Z/β)·[r‖v⁺ − target‖² +
+    (1 − r)‖v⁻ − target‖²], mean over elements, frames and rows. At θ = θ_old its gradient is exactly that of
+    A·‖v − target‖²: plain flow matching on the samples the reward prefers, its negative on those it does not,
+    and nothing at all when every advantage is 0. Unlike Eq. 2 nothing here needs a likelihood, so any sampler
+    may produce the samples. Returns (loss 0-d tensor, stats of plain floats)."""
+    if v.shape != v_old.shape or v.shape != target.shape or v.ndim < 3:
+        raise ValueError(f"v, v_old and target must all be [N, T, ...]; got {tuple(v.shape)}, "
+                         f"{tuple(v_old.shape)}, {tuple(target.shape)}")
+    if adv.shape not in (v.shape[:1], v.shape[:2]):
+        raise ValueError(f"adv must be [N] = [{v.shape[0]}] or [N, T] = {list(v.shape[:2])}, got {tuple(adv.shape)}")
+    if cfg.adv_clip is None:
+        raise ValueError("DiffusionNFT scales advantages by grpo.adv_clip (Z in r = 1/2 + A/2Z); set it, e.g. 5")
+    if cfg.beta > 0 and v_ref is None:
+        raise ValueError(f"grpo.beta={cfg.beta} > 0 needs the reference's velocities v_ref, or set grpo.beta=0")
+    z, b = cfg.adv_clip, cfg.nft_beta
+    a = adv.detach().float()
+    r = 0.5 + 0.5 * (a[:, None] if a.ndim == 1 else a).clamp(-z, z) / z  # [N, T] or [N, 1]
+    old = v_old.detach().float()
+    pos = (1 - b) * old + b * v.float()  # [N, T, ...]  v⁺
+    neg = (1 + b) * old - b * v.float()  # [N, T, ...]  v⁻
+    dims = tuple(range(2, v.ndim))
+    per_frame = r * (pos - target).pow(2).mean(dims) + (1 - r) * (neg - target).pow(2).mean(dims)  # [N, T]
+    loss = z / b * per_frame.mean()
+    stats = {"nft_shift": float((v.detach().float() - old).pow(2).mean())}  # how far θ has left θ_old
+    if v_ref is not None:
+        kl = (v.float() - v_ref.float()).pow(2).mean()  # velocity-space distance to π_ref, Flow-GRPO's KL up to a scale
+        stats["kl_ref"] = float(kl.detach())
+        if cfg.beta > 0:
+            loss = loss + cfg.beta * kl
+    stats["loss"] = float(loss.detach())
+    return loss, stats

@@ -404,7 +404,10 @@ class Rollout:
     g: torch.Tensor  # float32 [K]: diffusion coefficients g_k of the SDE
     actions: torch.Tensor  # int64 [B, F, 11]: the action tokens the rollout was conditioned on
     frame_of: torch.Tensor  # int64 [(F−1)·K]: the frame each log-prob entry belongs to (credit, train.py)
-    ref: torch.Tensor | None = None  # float32 [B, F−1, K, N, C]: π_ref's transition means (reference), for the KL
+    fwd_t: torch.Tensor  # float32 [B, F−1]: a forward-process time per generated frame (rl.objective "nft")
+    fwd_eps: torch.Tensor  # float32 [B, F−1, N, C]: its noise ε, so x_t = (1 − t)·x0 + t·ε (nft_velocity)
+    ref: torch.Tensor | None = None  # float32 [B, F−1, K, N, C]: π_ref's transition means (reference), for the KL;
+    # with rl.objective "nft" its velocities [B, F−1, N, C] at the forward-process draws instead
 
 
 def build(cfg) -> NFD:
@@ -501,11 +504,14 @@ def rollout(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, cfg,
         return x, (traj, lps)
 
     latents, extras = generate(model, x0, action_tokens, solve)  # [B, F, N, C]
+    # DiffusionNFT's draws come last, so the samples are the same whichever objective trains on them
+    fwd_t = sde.per_group(lambda b, gen: torch.rand(b, n_f - 1, generator=gen, device=dev), B, generator)  # [B, F-1]
+    fwd_eps = sde.randn(latents[:, 1:].shape, generator, dev)  # [B, F-1, N, C]
     traj = rearrange(torch.stack([t for t, _ in extras]), "f k b n c -> b f k n c")  # [B, F-1, K+1, N, C]
     logp = torch.stack([lp for _, lp in extras], dim=1).reshape(B, -1)  # [B, (F-1)K]
     mask = sel[:, None, :].expand(B, n_f - 1, s.steps).reshape(B, -1).float()  # [B, (F-1)K], same steps every frame
     return Rollout(frames=decode_clip(model, latents), logp=logp, mask=mask, latents=latents, traj=traj,
-                   ts=ts, g=g, actions=action_tokens.long(),
+                   ts=ts, g=g, actions=action_tokens.long(), fwd_t=fwd_t, fwd_eps=fwd_eps,
                    frame_of=torch.arange((n_f - 1) * s.steps, device=dev) // s.steps + 1)
 
 
@@ -550,10 +556,26 @@ def log_probs(model: NFD, ro: Rollout, cfg) -> tuple[torch.Tensor, torch.Tensor 
     return per_entry[0], None if ro.ref is None else per_entry[1]
 
 
+def nft_velocity(model: NFD, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiffusionNFT's forward process on the rollout's own clean samples (rl.objective "nft", grpo.nft_loss):
+    generated frame f noised to x_t = (1 − t)·x0 + t·ε with the rollout's fwd_t, fwd_eps, its velocity given
+    the clean frames 0..f−1 as the rollout saw them (one block-causal forward for the whole clip, as in
+    training). -> (v_θ [B, F−1, N, C], differentiable; the flow-matching target ε − x0 [B, F−1, N, C])."""
+    B, n = ro.fwd_t.shape
+    act = actions_multi_hot(ro.actions)  # [B, F, A]
+    x0, t = ro.latents[:, 1:], ro.fwd_t[..., None, None]  # [B, F-1, N, C], [B, F-1, 1, 1]
+    x_t = (1 - t) * x0 + t * ro.fwd_eps  # [B, F-1, N, C]
+    ctx = context_kv(model, ro.latents[:, :n], torch.zeros(B, n, device=x0.device), act[:, :n])
+    return noisy_velocity(model, ctx, x_t, ro.fwd_t, act[:, 1:]), ro.fwd_eps - x0
+
+
 @torch.no_grad()
 def reference(model: NFD, ro: Rollout, cfg) -> torch.Tensor:
-    """What the KL of log_probs needs from the frozen reference policy: its transition means
-    [B, F−1, K, N, C] (0 at steps no frame of the row trains)."""
+    """What the KL of the objective needs from the frozen reference policy: its transition means
+    [B, F−1, K, N, C] (0 at steps no frame of the row trains), or with rl.objective "nft" its velocities at the
+    forward-process draws [B, F−1, N, C]."""
+    if cfg.rl.objective == "nft":
+        return nft_velocity(model, ro)[0]
     out = ro.traj.new_zeros(ro.traj.shape[0], ro.traj.shape[1], ro.ts.shape[0] - 1, *ro.traj.shape[3:])
     for k, idx, mean, _ in transition_means(model, ro):
         out[idx, :, k] = mean

@@ -8,6 +8,7 @@ LOCAL_RANK; gloo on CPU, nccl on GPU; rank 0 prints, saves and evaluates.
 import contextlib
 import hashlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -206,6 +207,18 @@ def save_atomic(obj, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def hold(out: Path, stack: contextlib.ExitStack) -> None:
+    """Create the run folder and lock it until `stack` closes: a second run on the same folder stops with one
+    line instead of interleaving its log and checkpoints with this one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)                             # a folder can hold an advisory lock, too
+    stack.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"another run is using {out}; wait for it to end or choose another --run.out") from None
 
 
 def trim_log(path: Path, step: int) -> None:

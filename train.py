@@ -3,7 +3,7 @@
 One iteration: take P prompts (a context frame x0 and actions a1..a15), roll each out G times with the world
 model, let the reward IDM read the actions back from every generated clip (Eq. 3), turn rewards into
 group-relative advantages (Eq. 1), recompute log-probs under the current weights with the action tokens masked
-(§4.2), and step AdamW on the clipped surrogate (Eq. 2).
+(§4.2), and step AdamW on the clipped surrogate (Eq. 2). For NFD, --rl.objective=nft trains DiffusionNFT instead.
 
     python train.py                                              # embedded world, NFD, CPU (laptop_nfd.yaml)
     make train                                                   # the same, creating .venv first if needed
@@ -21,14 +21,12 @@ The folder is a record that cannot be corrupted (docs/conventions.md §6, §7): 
 config is checked and the checkpoint loaded; one run at a time holds it; a resume continues the log without
 duplicate steps and refuses a config that changes what the checkpoint means; SIGTERM and Ctrl-C save and exit
 0; a SIGKILL at any moment leaves the last checkpoint loadable; a non-finite step changes nothing and is logged.
-N torchrun ranks train what 1 process trains: the global batch is fixed and the noise of each group is a
-function of (seed, step, prompt) only.
+N torchrun ranks train what 1 process trains: the global batch is fixed, each group's noise a function of
+(seed, step, prompt).
 """
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -72,8 +70,7 @@ def slice_rollout(ro, i: int, j: int):
 
 @torch.no_grad()
 def replay(fn, model, ro, cfg: Config) -> torch.Tensor:
-    """fn(model, rows, cfg) over the rollout without gradient, rl.micro_batch rows per forward: π_ref's side of
-    the KL (api.reference), or log π_θ of the stored samples (api.log_probs)."""
+    """fn(model, rows, cfg) over the rollout, rl.micro_batch rows per forward, no gradient: api.reference, say."""
     mb = cfg.rl.micro_batch
     parts = [fn(model, slice_rollout(ro, i, i + mb), cfg) for i in range(0, len(ro.mask), mb)]
     return torch.cat([p[0] if isinstance(p, tuple) else p for p in parts])
@@ -153,22 +150,36 @@ def advantages(r: torch.Tensor, ro, cfg: Config, rank: int, world: int) -> tuple
     return (grpo.frame_credit(adv, ro.frame_of) if per_frame else adv), stats
 
 
+def objective(model, api, part, adv: torch.Tensor, old: torch.Tensor | None, cfg: Config):
+    """The objective seam, on one micro-batch: Eq. 2 on its log-probs (rl.objective "grpo", the paper), or
+    DiffusionNFT on the forward process of its clean samples ("nft", NFD). `old` is what the batch's first pass
+    recorded, θ_old's log-probs or velocities (None on that pass: θ is θ_old). -> (loss, stats, old)."""
+    if cfg.rl.objective == "nft":                                     # adv [b], or [b, (F-1)K] for credit "frame"
+        v, target = model_diffusion.nft_velocity(model, part)        # [b, F-1, N, C] each
+        old = v.detach() if old is None else old
+        a = adv if adv.ndim == 1 else adv.view(len(adv), v.shape[1], -1)[:, :, 0]   # [b] or one per frame [b, F-1]
+        return (*grpo.nft_loss(v, old, target, a, cfg.grpo, part.ref), old)
+    lp, kl = api.log_probs(model, part, cfg)                         # [b, L] each
+    old = lp.detach() if old is None else old
+    return (*grpo.policy_loss(lp, old, adv, part.mask, cfg.grpo, kl), old)                   # Eq. 2
+
+
 def backward(model, api, ro, adv: torch.Tensor, old: list, cfg: Config) -> list[tuple[float, dict]]:
     """Backward of Eq. 2 over the rollout in micro-batches of rl.micro_batch rows, each weighted so the
     gradients add up to the whole batch's (for "token" aggregation: over the tokens of every rank). π_old is the
-    policy that sampled the batch: the first of its rl.updates passes records its own log-probs into `old` (one
-    tensor per micro-batch; the sampler's ro.logp agree to ~1e-5 in fp32, and a replay would cost a forward), so
-    its ratio is exactly 1; later passes compare with them and Eq. 2's clip bounds how far they move.
+    policy that sampled the batch: the first of its rl.updates passes records its own log-probs (or velocities) into
+    `old`, one tensor per micro-batch (the sampler's ro.logp agree to ~1e-5 in fp32, and a replay would cost a
+    forward), so its ratio is exactly 1; later passes compare with them and Eq. 2's clip bounds how far they move.
     Returns each micro-batch's (weight, health statistics)."""
     n, mb, world = len(ro.mask), cfg.rl.micro_batch, runtime.rank_world()[1]
     total = runtime.across_ranks([float(ro.mask.sum())], "sum", ro.mask.device)[0] / world   # tokens per rank
     stats = []
     for i in range(0, n, mb):
         part = slice_rollout(ro, i, i + mb)
-        lp, kl = api.log_probs(model, part, cfg)                     # [b, L] each
-        if len(old) == i // mb:                                       # the first pass: log π_old = log π_θ now
-            old.append(lp.detach())
-        loss, st = grpo.policy_loss(lp, old[i // mb], adv[i:i + mb], part.mask, cfg.grpo, kl)   # Eq. 2
+        first = len(old) == i // mb                                   # the first pass: π_old = π_θ now
+        loss, st, now = objective(model, api, part, adv[i:i + mb], None if first else old[i // mb], cfg)
+        if first:
+            old.append(now)
         weight = grpo.micro_batch_share(part.mask, n, total, cfg.grpo)
         (loss * weight).backward()                                    # a NaN reaches this rank's gradient
         stats.append((float(weight), {**st, "loss": float(loss)}))
@@ -195,7 +206,7 @@ def update(model, api, opt, params: list, ro, r: torch.Tensor, adv, old: list, c
         opt.zero_grad(set_to_none=True)
         return {"skipped": f"non-finite {why}"}, why
     opt.step()
-    keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref") if stats[0][1].get(k) is not None]
+    keys = [k for k in ("loss", "clip_frac", "approx_kl", "ratio_mean", "kl_ref", "nft_shift") if k in stats[0][1]]
     local = [sum(w * float(s[k]) for w, s in stats) / sum(w for w, _ in stats) for k in keys]
     world = runtime.rank_world()[1]
     means = [v / world for v in runtime.across_ranks(local, "sum", device)]     # over the global batch
@@ -248,24 +259,15 @@ def check_run(cfg: Config, world: int, out: Path) -> None:
     if not rl.vpt_idm and cfg.eval.reward_idm not in rl.reward_idm.split(","):
         raise UsageError(f"eval.reward_idm={cfg.eval.reward_idm} is not the IDM that gives the reward "
                          f"(rl.reward_idm={rl.reward_idm}): set both to the same file, or list it in the ensemble")
+    if rl.objective == "nft" and (cfg.run.world_model, cfg.grpo.aggregation) != ("nfd", "grpo"):
+        raise UsageError(f"rl.objective=nft (a velocity loss, one mean per clip) needs run.world_model=nfd and "
+                         f"grpo.aggregation=grpo, got {cfg.run.world_model} and {cfg.grpo.aggregation}")
     if world > rl.prompts or rl.prompts % world:
         raise UsageError(f"rl.prompts={rl.prompts} prompts per step cannot be split over {world} ranks: each GRPO "
                          f"group lives on one rank, so launch a divisor of rl.prompts ranks or change rl.prompts")
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise UsageError(f"run.out={out}: {p} is a file, not a folder; choose another --run.out")
-
-
-def hold(out: Path, stack: contextlib.ExitStack) -> None:
-    """Create the run folder and lock it until `stack` closes: a second run on the same folder stops with one
-    line instead of interleaving its log and checkpoints with this one's."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)                             # a folder can hold an advisory lock, too
-    stack.callback(os.close, fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(f"another run is using {out}; wait for it to end or choose another --run.out") from None
 
 
 def resume(ckpt: Path, out: Path, model, ref, opt, sched, cfg: Config) -> int:
@@ -314,7 +316,7 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
     rl, G = cfg.rl, cfg.rl.group_size
     locked = rank == 0 and out.is_dir()                        # before reading a checkpoint another run writes
     if locked:
-        hold(out, stack)
+        runtime.hold(out, stack)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.run.seed)
 
@@ -334,7 +336,7 @@ def run(cfg: Config, name: str, out: Path, device, rank: int, world: int, stack:
     start = resume(ckpt, out, model, ref, opt, sched, cfg)
     if rank == 0:                                              # only now does the run write to its folder
         if not locked:
-            hold(out, stack)
+            runtime.hold(out, stack)
         (out / "config.yaml").write_text(config.dump(cfg))
         runtime.trim_log(out / "log.jsonl", start)             # drop rows a killed run logged past its checkpoint
     say(f"{name}: {cfg.run.world_model} world model on {device} x {world}, {rl.steps} GRPO steps of {rl.prompts} "

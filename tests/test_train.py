@@ -260,3 +260,29 @@ def test_a_reference_reset_re_anchors_the_kl_and_a_resume_restores_the_reset_ref
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(line) for line in (broken / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[3]["kl_ref"] == pytest.approx(kl[3], rel=1e-6)
+
+
+def test_diffusion_nft_leaves_the_model_at_a_constant_reward_and_trains_end_to_end(tmp_path):
+    """rl.objective=nft on a tiny NFD: at θ = θ_old a batch whose rewards are all equal (every advantage 0) leaves
+    every weight where it is; through train.main the weights move, the first pass has θ = θ_old (nft_shift 0 on a
+    single update), later passes leave it (nft_shift > 0), and the velocity-space KL to π_ref is logged."""
+    cfg = config.parse(config.Config, [*tiny_nfd_args(tmp_path / "x", steps=1), "--rl.objective=nft"])[0]
+    api, model = train.world_model(cfg)
+    clips = data.load_clips(cfg.data)[0][:2]
+    batch = {k: v.repeat_interleave(2, 0) for k, v in data.collate(clips, model.action_offset).items()}
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    ro = api.rollout(model, batch["frames"][:, 0], batch["tokens"], cfg, gens)
+    ro = dataclasses.replace(ro, ref=train.replay(api.reference, model, ro, cfg))       # [4, 15, N, C]
+    assert ro.ref.shape == ro.latents[:, 1:].shape
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0)
+    adv, _ = train.advantages(torch.ones(4, 15), ro, cfg, 0, 1)
+    row, why = train.update(model, api, opt, params, ro, torch.ones(4, 15), adv, [], cfg, "cpu")
+    assert why is None and row["nft_shift"] == 0 and row["kl_ref"] < 1e-12
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    out = tmp_path / "nft"
+    train.main([*tiny_nfd_args(out, steps=2), "--rl.objective=nft", "--rl.updates=2"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["nft_shift"] > 0 and r["grad_norm"] > 0 and "kl_ref" in r for r in log)
+    assert set(json.loads((out / "results.json").read_text())) == {"gt", "recon", "before", "after", "gap"}
