@@ -29,8 +29,8 @@ rollout and reward (train.collect, its reward timed apart), reference replay (tr
 collect runs it when β > 0) and update (train.advantages, then rl.updates × train.update: replay forward, backward,
 AdamW). Each phase is reported in seconds, as its share of the step and as achieved FLOP/s against the matmul peak
 measured in the same run; FLOPs are counted by torch.utils.flop_counter over one extra step (matmuls, convolutions
-and attention, the tokenizer's decoder and the IDMs included). Figures are medians over rl-sized steps after one
-warm-up step (docs/2026-12-04-rollout-speed.md).
+and attention, the tokenizer's decoder and the IDMs included). Each figure is the median of 3 steps of
+rl.prompts × rl.group_size rollouts after one warm-up step (docs/2026-12-04-rollout-speed.md §1).
 """
 import dataclasses
 import json
