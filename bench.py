@@ -247,9 +247,11 @@ def step_phases(cfg: Config, steps: int = 3) -> dict:
         if ref is not None:                                   # what collect runs when β > 0
             ro = dataclasses.replace(ro, ref=timed_phase("reference", train.replay)(api.reference, ref, ro, cfg))
         timed_phase("update", learn)(ro, r)
-        split = lambda d: {"rollout": d["collect"] - d["reward"], "reward": d["reward"],  # noqa: E731
-                           "reference": d.get("reference", 0), "update": d["update"]}
-        return split(seconds), split(flops)
+        return by_phase(seconds), by_phase(flops)
+
+    def by_phase(d: dict) -> dict:                           # the rollout is collect without its reward
+        return {"rollout": d["collect"] - d["reward"], "reward": d["reward"], "reference": d.get("reference", 0),
+                "update": d["update"]}
 
     one_step(0)                                               # warm-up: allocator, kernels, caches
     with count_flops() as mode:
