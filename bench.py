@@ -4,6 +4,7 @@
     python bench.py --json > bench.json    # the same numbers as JSON
     python bench.py configs/nfd_310m.yaml --run.device=cuda   # paper scale, random weights, one GPU
     python bench.py configs/minicraft_ar.yaml --gradient-noise    # GRPO signal at the shipped base
+    python bench.py configs/laptop_ar.yaml --step   # one GRPO step as train.py runs it, phase by phase
 
 Every figure is measured in this run: rollout frames/s of both world models, the KV-cache speedup
 of autoregressive sampling over recomputing the whole prefix per token, one batched group of G
@@ -22,13 +23,23 @@ et al. 2018): the rollouts per step at which one step's signal equals its noise.
 signal points at: the within-group correlation of the reward with the judge IDM's score of the same
 rollouts (the part of Eq. 1's advantage the judge agrees with) and the judge's gain when the reward picks
 one rollout per group (best-of-G).
+
+--step times the step users run, with train.py's own functions on the config's own models (init_from is read):
+rollout and reward (train.collect, its reward timed apart), reference replay (train.replay of the frozen π_ref, as
+collect runs it when β > 0) and update (train.advantages, then rl.updates × train.update: replay forward, backward,
+AdamW). Each phase is reported in seconds, as its share of the step and as achieved FLOP/s against the matmul peak
+measured in the same run; FLOPs are counted by torch.utils.flop_counter over one extra step (matmuls, convolutions
+and attention, the tokenizer's decoder and the IDMs included). Each figure is the median of 3 steps of
+rl.prompts × rl.group_size rollouts after one warm-up step (docs/2026-12-04-rollout-speed.md §1).
 """
 import dataclasses
 import json
 import resource
+import statistics
 import time
 
 import torch
+import torch.utils.flop_counter as flop_counter
 from tqdm import tqdm
 
 import config
@@ -166,14 +177,109 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------------------
+# --step: one GRPO iteration of train.py (§5.1), phase by phase.
+# ---------------------------------------------------------------------------------------------
+PHASES = ("rollout", "reward", "reference", "update")
+
+
+def cpu_attention_flops(q, k, v, *_, **__) -> int:
+    """FLOPs of the CPU flash-attention kernel, which torch.utils.flop_counter leaves uncounted: its formula for
+    the other attention kernels, 4·b·h·s_q·s_k·d, with q [b, h, s_q, d] and k, v [b, kv, s_k, d] (kv ≤ h)."""
+    return flop_counter.sdpa_flop_count(q, (q[0], q[1], *k[2:]), (q[0], q[1], *v[2:]))
+
+
+def cpu_attention_backward_flops(grad, q, k, v, *_, **__) -> int:
+    """The same kernel's backward: the counter's formula for the others (scores recomputed, four products)."""
+    return flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+
+
+def count_flops() -> flop_counter.FlopCounterMode:
+    """A FLOP counter of matmuls, convolutions and attention, the CPU attention kernels included."""
+    aten = torch.ops.aten
+    return flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops})
+
+
+def step_phases(cfg: Config, steps: int = 3) -> dict:
+    """Seconds (median of `steps` steps after one warm-up step), share of the step and achieved FLOP/s (against
+    matmul_peak, FLOPs counted over one more step) of each phase of train.py's GRPO iteration, and the step's
+    rollouts per second. The phases are train.py's functions: collect (its reward timed apart), replay of π_ref
+    as collect runs it when β > 0, advantages and rl.updates × update."""
+    device = runtime.pick_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    api, model = train.world_model(cfg)
+    model.to(device)
+    ref = train.world_model(cfg)[1].to(device).eval() if cfg.grpo.beta > 0 else None
+    prompts, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.rl.prompt_seed))
+    scorer = train.reward_fn(cfg, device, prompts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, weight_decay=cfg.rl.weight_decay)
+    batches = data.batches(prompts, cfg.rl.prompts, cfg.run.seed, 0, 0, 1, model.action_offset,
+                           cfg.data.camera_tokens)
+    seconds, flops, counter = {}, {}, []                      # per phase of the current step; [FlopCounterMode]
+
+    def timed_phase(name: str, fn):
+        """fn, adding its wall time to seconds[name] and the FLOPs it runs (when counting) to flops[name]."""
+        def run(*args):
+            sync()
+            t, f = time.perf_counter(), counter[0].get_total_flops() if counter else 0
+            out = fn(*args)
+            sync()
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+            flops[name] = flops.get(name, 0) + (counter[0].get_total_flops() - f if counter else 0)
+            return out
+        return run
+
+    def learn(ro, r):                                         # the update phase: Eq. 1, then Eq. 2's AdamW steps
+        adv, _ = train.advantages(r, ro, cfg, 0, 1)
+        old = []
+        for _ in range(cfg.rl.updates):
+            train.update(model, api, opt, params, ro, r, adv, old, cfg, device)
+
+    def one_step(step: int) -> tuple[dict, dict]:
+        seconds.clear(), flops.clear()
+        batch = {k: v.repeat_interleave(cfg.rl.group_size, 0).to(device) for k, v in next(batches).items()}
+        gens = train.group_generators(cfg.run.seed, step, cfg.rl.prompts, 0, 1, device)
+        ro, r = timed_phase("collect", train.collect)(api, model, None, batch, timed_phase("reward", scorer), cfg,
+                                                      gens, 1)
+        if ref is not None:                                   # what collect runs when β > 0
+            ro = dataclasses.replace(ro, ref=timed_phase("reference", train.replay)(api.reference, ref, ro, cfg))
+        timed_phase("update", learn)(ro, r)
+        return by_phase(seconds), by_phase(flops)
+
+    def by_phase(d: dict) -> dict:                           # the rollout is collect without its reward
+        return {"rollout": d["collect"] - d["reward"], "reward": d["reward"], "reference": d.get("reference", 0),
+                "update": d["update"]}
+
+    one_step(0)                                               # warm-up: allocator, kernels, caches
+    with count_flops() as mode:
+        counter.append(mode)
+        step_flops = one_step(1)[1]
+    counter.clear()
+    times = [one_step(2 + i)[0] for i in tqdm(range(steps), desc=f"{cfg.run.world_model} GRPO steps")]
+    med = {p: statistics.median(t[p] for t in times) for p in PHASES}
+    total, peak = sum(med.values()), matmul_peak(device)
+    res = {"world_model": cfg.run.world_model, "rollouts_per_step": cfg.rl.prompts * cfg.rl.group_size}
+    for p in PHASES:
+        res.update({f"{p}_s": med[p], f"{p}_share": med[p] / total,
+                    f"{p}_flops_per_s": step_flops[p] / med[p] if med[p] else 0.0,
+                    f"{p}_of_peak": step_flops[p] / med[p] / peak if med[p] else 0.0})
+    res.update(step_s=total, rollouts_per_s=res["rollouts_per_step"] / total, matmul_peak_flops=peak,
+               steps=steps, threads=torch.get_num_threads())
+    return res
+
+
 def main(argv: list[str]) -> dict:
-    as_json = "--json" in argv
-    noise = "--gradient-noise" in argv
-    cfg, _ = config.parse(Config, [a for a in argv if a not in ("--json", "--gradient-noise")])
+    as_json, noise, step = ("--json" in argv, "--gradient-noise" in argv, "--step" in argv)
+    cfg, _ = config.parse(Config, [a for a in argv if a not in ("--json", "--gradient-noise", "--step")])
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if noise:
         return report(gradient_cosines(cfg), as_json)
+    if step:
+        return report(step_phases(cfg), as_json)
     torch.manual_seed(0)
     device = runtime.pick_device(cfg.run.device)
     res, G = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}, cfg.rl.group_size

@@ -467,6 +467,11 @@ def frame_scores(match: torch.Tensor, true_groups: torch.Tensor, granularity: st
     return (match[..., :7] * w).sum(-1) / w.sum(-1)            # [B, T-1]
 
 
+# On a CPU the reward IDMs read this many clips at a time: their activations (64 frames) then stay in the
+# cache, and a step's 32 clips are read ~1.6x faster than in one batch (docs/2026-12-04-rollout-speed.md).
+CPU_CLIPS = 4
+
+
 @torch.no_grad()
 def inverse_reward(idms: list, frames: torch.Tensor, true_groups: torch.Tensor, granularity: str = "exact",
                    reading: str = "argmax", label_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -479,6 +484,9 @@ def inverse_reward(idms: list, frames: torch.Tensor, true_groups: torch.Tensor, 
     Several IDMs (an ensemble) average their terms. See frame_scores for granularity and label_weights."""
     if reading not in ("argmax", "soft"):
         raise ValueError(f"inverse_reward: reading must be 'argmax' or 'soft', got {reading!r}")
+    if frames.device.type == "cpu" and len(frames) > CPU_CLIPS:  # rows are scored independently
+        return torch.cat([inverse_reward(idms, frames[i:i + CPU_CLIPS], true_groups[i:i + CPU_CLIPS], granularity,
+                                         reading, label_weights) for i in range(0, len(frames), CPU_CLIPS)])
     terms = []
     for net in idms:
         out, true = net(frames), true_groups.to(frames.device)    # true [B, T, 9]

@@ -192,10 +192,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=False)
 
     def forward(self, x, cos, sin, start: int, cache: tuple[torch.Tensor, torch.Tensor] | None):
-        t = x.shape[1]
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.heads)  # [B, h, T, d]
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.kv_heads)  # [B, kv, T, d]
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.kv_heads)  # [B, kv, T, d]
+        # view/transpose rather than einops here: this runs once per layer and sampled token
+        b, t, d = x.shape[0], x.shape[1], self.head_dim
+        q = self.q_proj(x).view(b, t, self.heads, d).transpose(1, 2)  # [B, h, T, d]
+        k = self.k_proj(x).view(b, t, self.kv_heads, d).transpose(1, 2)  # [B, kv, T, d]
+        v = self.v_proj(x).view(b, t, self.kv_heads, d).transpose(1, 2)  # [B, kv, T, d]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # whole sequence at once: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [B, h, T, d]
@@ -203,12 +204,14 @@ class Attention(nn.Module):
             end = start + t
             cache[0][:, :, start:end], cache[1][:, :, start:end] = k, v
             k, v = cache[0][:, :, :end], cache[1][:, :, :end]  # [B, kv, end, d]
-            # query at absolute position start+i sees keys 0..start+i; one query token sees all of them
-            pos = torch.arange(end, device=x.device)  # [end]
-            mask = None if t == 1 else pos[None, :] <= pos[start:, None]  # [T, end]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, h, T, d]
-        # enable_gqa lets query head i use kv head i // (heads / kv_heads): HF's repeat_kv / repeat_interleave
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))  # [B, T, H]
+            if t == 1:  # one query sees every cached key: the heads sharing a kv head are its queries
+                y = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, -1, d), k, v)  # [B, kv, h/kv, d]
+            else:  # query at absolute position start+i sees keys 0..start+i
+                pos = torch.arange(end, device=x.device)  # [end]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos[None, :] <= pos[start:, None],
+                                                   enable_gqa=True)  # [B, h, T, d]
+        # query head i uses kv head i // (heads / kv_heads): HF's repeat_kv / repeat_interleave, and enable_gqa
+        return self.o_proj(y.reshape(b, self.heads, t, d).transpose(1, 2).reshape(b, t, -1))  # [B, T, H]
 
 
 class MLP(nn.Module):
@@ -590,8 +593,10 @@ def exponential_noise(shape: tuple[int, ...], generator, device) -> torch.Tensor
     rows = shape[0] // len(generator)
     if rows * len(generator) != shape[0]:
         raise ValueError(f"{shape[0]} rows cannot be split evenly over {len(generator)} generators (one per group)")
-    return torch.cat([torch.empty(rows, *shape[1:], device=device).exponential_(1.0, generator=g)
-                      for g in generator])  # [B, ...]
+    race = torch.empty(shape, device=device)  # [B, ...], filled group by group in place (no concatenation)
+    for i, g in enumerate(generator):
+        race[i * rows:(i + 1) * rows].exponential_(1.0, generator=g)
+    return race
 
 
 def sample_image_token(logits: torch.Tensor, n_codes: int, temperature: float, top_p: float,

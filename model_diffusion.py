@@ -227,16 +227,22 @@ class Block(nn.Module):
         self.down = nn.Linear(cfg.mlp, D, bias=False)
         self.ada = nn.Linear(D, 6 * D)  # shift/scale/gate for attention and for the MLP (zero-initialised)
 
-    def forward(self, x, c, ctx=None, mask=None):
+    def forward(self, x, c, ctx=None, mask=None, at=None):
         """x [B, F, N, D] tokens of the frames in this call; c [B, F, D] SiLU(conditioning);
         ctx: (k, v) [B, heads, L_ctx, D/heads] cached keys/values of earlier clean frames, or None;
-        mask: bool [F·N, L_ctx + F·N] or None (= attend to everything).
+        mask: bool [F·N, L_ctx + F·N] or None (= attend to everything). With `at`, ctx is instead a
+        preallocated cache (new_cache): this call's keys/values are written at positions at..at+FN and the
+        queries attend to positions 0..at+FN of it, the same keys as the concatenation, without copying them.
         Returns (x [B, F, N, D], (k, v) of this call's tokens for the cache)."""
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).unsqueeze(2).chunk(6, dim=-1)  # 6 × [B, F, 1, D]
         h = modulate(self.norm1(x), sh1, sc1)  # [B, F, N, D]
         q, k, v = rearrange(self.qkv(h), "b f n (qkv h d) -> qkv b h (f n) d", qkv=3, h=self.heads)  # [B, H, FN, d]
         kv = (k, v)
-        if ctx is not None:
+        if at is not None:
+            end = at + k.shape[2]
+            ctx[0][:, :, at:end], ctx[1][:, :, at:end] = k, v
+            k, v = ctx[0][:, :, :end], ctx[1][:, :, :end]  # [B, H, end, d]
+        elif ctx is not None:
             k, v = torch.cat([ctx[0], k], dim=2), torch.cat([ctx[1], v], dim=2)  # [B, H, L_ctx + FN, d]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, FN, d]
         x = x + g1 * self.proj(rearrange(a, "b h (f n) d -> b f n (h d)", f=x.shape[1]))  # [B, F, N, D]
@@ -298,15 +304,16 @@ class NFD(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x, t, act, frame_idx, ctx=None, mask=None):
+    def forward(self, x, t, act, frame_idx, ctx=None, mask=None, at=None):
         """x [B, F, N, C] latents of F frames at flow times t [B, F], actions act [B, F, A] (multi-hot),
         frame positions frame_idx [F] (long); ctx: per-layer cached (k, v) of earlier clean frames or None;
-        mask: bool [F·N, L_ctx + F·N] or None. Returns (v [B, F, N, C] fp32, per-layer (k, v) of x)."""
+        mask: bool [F·N, L_ctx + F·N] or None; at: ctx is a preallocated cache written from there (Block).
+        Returns (v [B, F, N, C] fp32, per-layer (k, v) of x)."""
         h = self.x_embed(x) + self.pos_space + self.pos_frame[frame_idx][:, None]  # [B, F, N, D]
         c = F.silu(self.t_embed(timestep_embedding(t)) + self.a_embed(act))  # [B, F, D]  per-frame condition
         kvs = []
         for i, blk in enumerate(self.blocks):
-            h, kv = blk(h, c, None if ctx is None else ctx[i], mask)  # [B, F, N, D]
+            h, kv = blk(h, c, None if ctx is None else ctx[i], mask, at)  # [B, F, N, D]
             kvs.append(kv)
         shift, scale = self.final_ada(c).unsqueeze(2).chunk(2, dim=-1)  # 2 × [B, F, 1, D]
         return self.final(modulate(self.final_norm(h), shift, scale)).float(), kvs  # [B, F, N, C]
@@ -430,21 +437,28 @@ def roundtrip(model: NFD, frames: torch.Tensor) -> torch.Tensor:
     return model.ae.roundtrip(frames)  # [B, F, H, W, 3]
 
 
-def cache_frame(model: NFD, ctx: list | None, x: torch.Tensor, act: torch.Tensor, f: int) -> list:
-    """Append clean frame f (x [B, N, C], act [B, A]) to the per-layer cache [B, heads, L, d]: one
-    forward at t = 0 attending to the cache, so it equals that frame's row of context_kv."""
-    B, dev = x.shape[0], x.device
-    kvs = model(x[:, None], torch.zeros(B, 1, device=dev), act[:, None], torch.tensor([f], device=dev), ctx=ctx)[1]
-    if ctx is None:
-        return kvs
-    return [(torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)) for (ck, cv), (k, v) in zip(ctx, kvs)]
+def new_cache(model: NFD, batch: int, n_frames: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (k, v) buffers [B, heads, F·N, d] of a rollout: frame f's keys and values live at positions
+    f·N..(f+1)·N, written once per call (Block's `at`) instead of concatenated onto a growing cache."""
+    shape = (batch, model.cfg.heads, n_frames * model.n_tok, model.cfg.hidden // model.cfg.heads)
+    return [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in model.blocks]
 
 
-def cached_velocity(model: NFD, ctx: list, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor, f: int):
-    """v for noisy frame f (x [B, N, C] at 0-d time t, act [B, A]) given the cache of clean frames 0..f−1.
-    No mask: the frame's queries may see every cached key and all of their own frame. -> [B, N, C]."""
+def cache_frame(model: NFD, cache: list, x: torch.Tensor, act: torch.Tensor, f: int) -> None:
+    """Write clean frame f (x [B, N, C], act [B, A]) into its slot of the cache: one forward at t = 0 attending
+    to frames 0..f, so its keys and values equal that frame's row of context_kv."""
     B, dev = x.shape[0], x.device
-    return model(x[:, None], t.expand(B, 1), act[:, None], torch.tensor([f], device=dev), ctx=ctx)[0][:, 0]
+    model(x[:, None], torch.zeros(B, 1, device=dev), act[:, None], torch.tensor([f], device=dev), ctx=cache,
+          at=f * model.n_tok)
+
+
+def cached_velocity(model: NFD, cache: list, x: torch.Tensor, t: torch.Tensor, act: torch.Tensor, f: int):
+    """v for noisy frame f (x [B, N, C] at 0-d time t, act [B, A]) given the cache of clean frames 0..f−1. Its own
+    keys and values take frame f's slot until cache_frame writes the clean frame there. No mask: the frame's
+    queries may see every cached key and all of their own frame. -> [B, N, C]."""
+    B, dev = x.shape[0], x.device
+    return model(x[:, None], t.expand(B, 1), act[:, None], torch.tensor([f], device=dev), ctx=cache,
+                 at=f * model.n_tok)[0][:, 0]
 
 
 def generate(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, solve) -> tuple[torch.Tensor, list]:
@@ -455,22 +469,24 @@ def generate(model: NFD, x0: torch.Tensor, action_tokens: torch.Tensor, solve) -
     _check_clip(model, action_tokens.shape[1])
     act = actions_multi_hot(action_tokens)  # [B, F, A]
     lat = [model.ae.encode(x0).float()]  # F × [B, N, C]
-    ctx = cache_frame(model, None, lat[0], act[:, 0], 0)
+    cache = new_cache(model, len(x0), action_tokens.shape[1], x0.device)
+    cache_frame(model, cache, lat[0], act[:, 0], 0)
     extras = []
     for f in range(1, action_tokens.shape[1]):
-        x, extra = solve(lambda x, t: cached_velocity(model, ctx, x, t, act[:, f], f), f)  # [B, N, C]
+        x, extra = solve(lambda x, t: cached_velocity(model, cache, x, t, act[:, f], f), f)  # [B, N, C]
         lat.append(x)
         extras.append(extra)
         if f < action_tokens.shape[1] - 1:  # the clean frame becomes context for the frames after it
-            ctx = cache_frame(model, ctx, x, act[:, f], f)
+            cache_frame(model, cache, x, act[:, f], f)
     return torch.stack(lat, dim=1), extras  # [B, F, N, C]
 
 
 def decode_clip(model: NFD, latents: torch.Tensor) -> torch.Tensor:
     """Latents of frames 0..F−1 [B, F, N, C] -> the clip uint8 [B, F, H, W, 3]. Frame 0 is x0's encoding
     decoded again: every frame the IDM reads shows the tokenizer's view, the context frame included
-    (docs/conventions.md §8.4)."""
-    return rearrange(model.ae.decode(latents.flatten(0, 1)), "(b f) h w c -> b f h w c", b=latents.shape[0])
+    (docs/conventions.md §8.4). One frame index at a time: B frames' activations stay in a CPU's cache, which
+    decodes 512 frames ~1.4x faster than one batch of all of them (docs/2026-12-04-rollout-speed.md)."""
+    return torch.stack([model.ae.decode(latents[:, f]) for f in range(latents.shape[1])], dim=1)  # [B, F, H, W, 3]
 
 
 def sde_draws(cfg, B: int, shape: tuple, generator, dev):

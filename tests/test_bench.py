@@ -5,7 +5,7 @@ import torch
 
 import bench
 import data
-from conftest import tiny_cfg
+from conftest import tiny_args, tiny_cfg
 
 
 def test_noise_scale_by_hand():
@@ -77,3 +77,22 @@ def test_bench_runs_end_to_end_and_its_batched_nfd_replay_equals_the_loop_over_f
     assert {"ar_rollout_frames_per_s", "ar_kv_cache_speedup", "grpo_update_mfu", "nfd_rollout_frames_per_s",
             "nfd_batched_replay_speedup", "peak_rss_mb"} <= set(res)
     assert 0 < res["grpo_update_mfu"] and res["threads"] == 1
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.0])
+def test_step_times_the_four_phases_of_train_py(assets, tmp_path, beta):  # noqa: F811
+    """bench.py --step on the tiny AR run: every phase is timed and counted, the shares make up the step, and
+    rollouts per second is the step's rollouts over its seconds. Without a KL (β = 0) there is no reference."""
+    argv = [*tiny_args(assets, tmp_path / "run", 2), f"--grpo.beta={beta}", "--step", "--json"]
+    res = bench.main(argv)
+    assert res["world_model"] == "ar" and res["rollouts_per_step"] == 4 and res["steps"] == 3
+    phases = ("rollout", "reward", "update") + (("reference",) if beta else ())
+    for p in phases:
+        assert res[f"{p}_s"] > 0 and 0 < res[f"{p}_share"] < 1
+        assert res[f"{p}_flops_per_s"] > 0
+        assert res[f"{p}_of_peak"] == pytest.approx(res[f"{p}_flops_per_s"] / res["matmul_peak_flops"])
+    if not beta:
+        assert res["reference_s"] == res["reference_share"] == res["reference_flops_per_s"] == 0
+    assert sum(res[f"{p}_share"] for p in bench.PHASES) == pytest.approx(1.0, abs=1e-9)
+    assert sum(res[f"{p}_s"] for p in bench.PHASES) == pytest.approx(res["step_s"])
+    assert res["rollouts_per_s"] == pytest.approx(4 / res["step_s"])

@@ -313,3 +313,22 @@ def test_idm_loss_uniform_value_and_gradients():
     dead = sorted(k for k, p in model.named_parameters() if p.numel() and (p.grad is None or not p.grad.any()))
     assert dead == [f"net.{k}" for k in ("lastlayer.layer.weight", "lastlayer.norm.bias", "lastlayer.norm.weight")] + [
         f"net.recurrent_layer.blocks.{i}.r.orc_block.r_layer.{w}" for i in (0, 1) for w in ("bias", "weight")]
+
+
+def test_inverse_reward_reads_clips_in_cpu_chunks_as_in_one_batch(monkeypatch):
+    """On a CPU the IDMs read CPU_CLIPS clips at a time (cache locality); 9 clips (chunks of 4, 4, 1) score as one
+    batch of 9 does, to float rounding, for both readings."""
+    torch.manual_seed(0)
+    nets = [idm.IDM.from_config(idm.IDMConfig(hidsize=32, attention_heads=2, timesteps=8)).eval() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, 256, (9, 8, 64, 64, 3), dtype=torch.uint8, generator=g)
+    sizes = torch.tensor([3, 3, 3, 2, 2, 2, 2, 11, 11])      # labels per group (data.action_groups)
+    true = (torch.rand(9, 8, 9, generator=g) * sizes).long()  # [9, 8, 9]
+    weights = torch.rand(7, 11, generator=g) + 0.5
+    chunked = [idm.inverse_reward(nets, frames, true, "balanced", r, weights) for r in ("soft", "argmax")]
+    monkeypatch.setattr(idm, "CPU_CLIPS", 9)
+    whole = [idm.inverse_reward(nets, frames, true, "balanced", r, weights) for r in ("soft", "argmax")]
+    assert idm.CPU_CLIPS == 9 and chunked[0].shape == (9, 7)
+    assert chunked[0].std() > 0.01                            # the soft reward differs between clips
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

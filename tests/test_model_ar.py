@@ -11,6 +11,7 @@ import yaml
 from einops import rearrange
 
 import config
+import model_ar
 from model_ar import (
     ACTION_VOCAB,
     FSQ,
@@ -156,6 +157,44 @@ def test_kv_cache_logits_equal_full_recompute_along_a_rollout():
     cached = torch.cat(cached, dim=1)  # [B, L, V]
     assert full.std() > 0.5
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (4, 1)])
+def test_rollout_logits_equal_full_recompute_at_every_sampled_token(monkeypatch, heads, kv_heads):
+    """The cached decode step (one query whose heads, grouped by kv head, attend to the cache) gives at every
+    sampled token the logits of the whole prefix recomputed without a cache, to 1e-4; and the rollout draws the
+    tokens a plain sampler draws from those logits with the same per-group generators."""
+    model = tiny_model(heads=heads, kv_heads=kv_heads, frames=4)
+    cfg = model.cfg
+    x0, actions = prompt(cfg, batch=4)
+    seen, draw = [], model_ar.sample_image_token
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return draw(logits, *args)
+
+    monkeypatch.setattr(model_ar, "sample_image_token", recording)
+    ro = generate(model, x0, actions, 1.0, 0.9, [torch.Generator().manual_seed(s) for s in (0, 1)])
+    pos = generated_positions(cfg).nonzero().squeeze(1)  # [G]: the sampled positions, in order
+    assert len(seen) == len(pos) == (cfg.frames - 1) * cfg.image_tokens
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    with torch.no_grad():
+        for i, p in enumerate(pos.tolist()):
+            full = model.transformer(ro.tokens[:, :p])[:, -1]  # [B, V]: no cache, the whole prefix
+            torch.testing.assert_close(seen[i], full, atol=1e-4, rtol=0)
+            ids, lp = draw(full, cfg.n_codes, 1.0, 0.9, gens)
+            assert torch.equal(ids, ro.tokens[:, p])
+            torch.testing.assert_close(lp, ro.logp[:, p], atol=1e-4, rtol=0)
+    assert torch.stack(seen).std() > 0.5 and len(ro.tokens[:, pos].unique()) > 4   # far from uniform, varied
+
+
+def test_exponential_noise_per_group_is_each_groups_own_stream():
+    """One generator per group of rows: rows 2i..2i+1 are exactly what generator i alone draws for them."""
+    race = model_ar.exponential_noise((6, 5), [torch.Generator().manual_seed(s) for s in (0, 1, 2)], "cpu")
+    for i, s in enumerate((0, 1, 2)):
+        alone = torch.empty(2, 5).exponential_(1.0, generator=torch.Generator().manual_seed(s))
+        assert torch.equal(race[2 * i:2 * i + 2], alone)
+    assert not torch.equal(race[:2], race[2:4])
 
 
 def test_log_probs_equal_rollout_logp_on_first_pass():
