@@ -182,7 +182,7 @@ def backward(model, api, ro, adv: torch.Tensor, old: list, cfg: Config) -> list[
             old.append(now)
         weight = grpo.micro_batch_share(part.mask, n, total, cfg.grpo)
         (loss * weight).backward()                                    # a NaN reaches this rank's gradient
-        stats.append((float(weight), {**st, "loss": float(loss)}))
+        stats.append((float(weight), {**st, "loss": float(loss.detach())}))
     return stats
 
 
