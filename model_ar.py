@@ -92,6 +92,7 @@ class ARConfig:
 class VQConfig:
     frame_hw: tuple[int, int] = (64, 64)  # frame height, width in pixels (MineWorld: 224, 384)
     stride: int = 8  # pixels per latent cell along each side, a power of 2 (MineWorld: 16)
+    stride_w: int = 0  # pixels per latent cell across when it differs from stride (16: an 8×4 grid); 0 = stride
     codebook_size: int = 512  # number of codes K (MineWorld: 8192); must equal ar.n_codes
     code_dim: int = 64  # width D of a code vector (MineWorld: 64)
     channels: int = 64  # conv width of the toy encoder and decoder
@@ -109,12 +110,14 @@ class VQConfig:
     def __post_init__(self):
         check_fields(self, {
             "frame_hw": SIZES, "stride": ((lambda s: s >= 2 and s & (s - 1) == 0), "a power of 2, >= 2"),
+            "stride_w": ((lambda s: s == 0 or (s >= 2 and s & (s - 1) == 0)), "0 (= stride) or a power of 2, >= 2"),
             "codebook_size": at_least(1), "code_dim": at_least(1), "channels": at_least(1), "beta": at_least(0),
             "init_from": nonempty('"scratch" or a checkpoint path'),
             "diffusers_config": nonempty("the path of MineWorld's vae/config.json"),
             "levels": ((lambda v: len(v) > 0 and all(n >= 2 for n in v)), "one or more levels, each >= 2")})
-        if any(side % self.stride for side in self.frame_hw):
-            raise ConfigError(f"frame_hw={self.frame_hw}: each side must be a multiple of stride={self.stride}")
+        if any(side % s for side, s in zip(self.frame_hw, self.strides)):
+            raise ConfigError(f"frame_hw={self.frame_hw}: height and width must be multiples of the strides "
+                              f"{self.strides} (vq.stride, vq.stride_w)")
         if self.kind == "fsq" and math.prod(self.levels) != self.codebook_size:
             raise ConfigError(f"levels={self.levels}: with kind fsq their product {math.prod(self.levels)} is the "
                               f"number of codes and must equal codebook_size={self.codebook_size}")
@@ -123,8 +126,12 @@ class VQConfig:
                               f"tokenizer; with kind fsq leave diffusers_config unset")
 
     @property
+    def strides(self) -> tuple[int, int]:  # pixels per latent cell down, across
+        return self.stride, self.stride_w or self.stride
+
+    @property
     def grid(self) -> tuple[int, int]:  # latent rows, cols (toy: 8×8; MineWorld: 14×24)
-        return self.frame_hw[0] // self.stride, self.frame_hw[1] // self.stride
+        return self.frame_hw[0] // self.strides[0], self.frame_hw[1] // self.strides[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,18 +355,20 @@ class FSQ(nn.Module):
 
 
 class VQVAE(nn.Module):
-    """Small conv VQ-VAE: log2(stride) stride-2 convs down, as many transposed convs up. With kind fsq the 1×1
+    """Small conv VQ-VAE: log2(stride) stride-2 convs down, as many transposed convs up (with stride_w > stride the
+    extra ones halve the width only, for a grid with fewer columns than rows). With kind fsq the 1×1
     quant_conv projects the code_dim encoder output down to the d = len(levels) FSQ channels and post_quant_conv
     back up (FSQ §3: a few channels, each with a few levels, in place of one wide codebook vector)."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        n_down = cfg.stride.bit_length() - 1
-        if cfg.stride != 2 ** n_down or n_down < 1:
-            raise ValueError(f"vq.stride must be a power of 2 (got {cfg.stride})")
+        n_h, n_w = (s.bit_length() - 1 for s in cfg.strides)  # halvings of height, width
         c = cfg.channels
-        down = [m for i in range(n_down) for m in (nn.Conv2d(3 if i == 0 else c, c, 4, 2, 1), nn.SiLU())]
-        up = [m for _ in range(n_down) for m in (nn.ConvTranspose2d(c, c, 4, 2, 1), nn.SiLU())]
+        # layer i halves the height while i < n_h and the width while i < n_w (kernel 4, stride 2), else keeps it (3, 1)
+        shape = [((4 if i < n_h else 3, 4 if i < n_w else 3), (2 if i < n_h else 1, 2 if i < n_w else 1))
+                 for i in range(max(n_h, n_w))]  # (kernel, stride) per layer
+        down = [m for i, (k, st) in enumerate(shape) for m in (nn.Conv2d(3 if i == 0 else c, c, k, st, 1), nn.SiLU())]
+        up = [m for k, st in shape[::-1] for m in (nn.ConvTranspose2d(c, c, k, st, 1), nn.SiLU())]
         d = len(cfg.levels) if cfg.kind == "fsq" else cfg.code_dim  # width of what is quantized
         self.encoder = nn.Sequential(*down, nn.Conv2d(c, cfg.code_dim, 3, 1, 1))
         self.quant_conv = nn.Conv2d(cfg.code_dim, d, 1)

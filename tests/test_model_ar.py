@@ -441,6 +441,24 @@ def test_fsq_tokenizer_shapes_dtypes_and_a_world_model_on_top():
     assert ro.frames.shape == (2, 3, 16, 16, 3) and (ro.tokens[ro.mask.bool()] < 12).all()
 
 
+def test_a_non_square_grid_halves_the_width_more_and_keeps_the_square_layout():
+    torch.manual_seed(0)
+    tok = Tokenizer(fsq_config(frame_hw=(32, 32), stride=8, stride_w=16))  # 4 rows × 2 cols of tokens
+    frames = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    assert tok.cfg.grid == (4, 2) and tok.latents(frames).shape == (3, 2, 4, 2)
+    ids = tok.encode(frames)
+    assert ids.shape == (3, 8) and 0 <= ids.min() and ids.max() < 12
+    assert tok.decode(ids).shape == (3, 32, 32, 3)
+    # stride_w = stride (or 0) is the square tokenizer: the same weights, so every shipped checkpoint loads
+    square = {k: v.shape for k, v in Tokenizer(fsq_config(frame_hw=(32, 32))).state_dict().items()}
+    assert square == {k: v.shape for k, v in Tokenizer(fsq_config(frame_hw=(32, 32), stride_w=8)).state_dict().items()}
+    assert {k: v.shape for k, v in tok.state_dict().items()} != square  # one more conv each way
+    with pytest.raises(ConfigError, match=r"frame_hw=\(32, 48\): .*strides \(8, 32\)"):
+        fsq_config(frame_hw=(32, 48), stride_w=32)
+    with pytest.raises(ConfigError, match=r"stride_w=12: must be 0 \(= stride\) or a power of 2"):
+        fsq_config(stride_w=12)
+
+
 def test_fsq_ids_and_per_channel_levels_are_a_bijection():
     levels = (2, 3, 4, 5, 8)  # even and odd, and the smallest level
     fsq, k, d = FSQ(levels), math.prod(levels), len(levels)
