@@ -132,7 +132,9 @@ def gradient_cosines(cfg: Config, seeds: tuple = (0, 1, 2, 3)) -> dict:
     """Pairwise cosines of GRPO gradients of one batch per seed (its own prompts and rollout noise;
     equal seeds give equal batches) at the config's base model, for rl.credit "clip" and "frame";
     and how much the clip reward varies within a group (what GRPO learns from) and between groups.
-    Each batch goes through train.py's own stages: collect, then the backward of update (ratio 1)."""
+    Each batch goes through train.py's own stages: collect, then the backward of update (ratio 1). At the base
+    model θ = π_ref, where Eq. 2's KL term has zero gradient, so it is left out (grpo.beta = 0)."""
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, beta=0.0))
     device = runtime.pick_device(cfg.run.device)
     api, model = train.world_model(cfg)
     model.to(device)
