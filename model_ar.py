@@ -88,6 +88,10 @@ class ARConfig:
         return self.frames * self.image_tokens + (self.frames - 1) * self.action_tokens
 
 
+def power_of_2(s: int) -> bool:  # a tokenizer stride: 2, 4, 8, ...
+    return s >= 2 and s & (s - 1) == 0
+
+
 @dataclass
 class VQConfig:
     frame_hw: tuple[int, int] = (64, 64)  # frame height, width in pixels (MineWorld: 224, 384)
@@ -109,8 +113,8 @@ class VQConfig:
 
     def __post_init__(self):
         check_fields(self, {
-            "frame_hw": SIZES, "stride": ((lambda s: s >= 2 and s & (s - 1) == 0), "a power of 2, >= 2"),
-            "stride_w": ((lambda s: s == 0 or (s >= 2 and s & (s - 1) == 0)), "0 (= stride) or a power of 2, >= 2"),
+            "frame_hw": SIZES, "stride": (power_of_2, "a power of 2, >= 2"),
+            "stride_w": ((lambda s: s == 0 or power_of_2(s)), "0 (= stride) or a power of 2, >= 2"),
             "codebook_size": at_least(1), "code_dim": at_least(1), "channels": at_least(1), "beta": at_least(0),
             "init_from": nonempty('"scratch" or a checkpoint path'),
             "diffusers_config": nonempty("the path of MineWorld's vae/config.json"),
@@ -555,6 +559,13 @@ def load_checkpoint(model: WorldModel, path: str, key: str = "ar.init_from") -> 
     if len(ours) < len(sd):
         warnings.warn(f"{path}: ignoring {len(sd) - len(ours)} keys outside transformer.* / tokenizer.*")
     load_weights(model, ours, path)
+
+
+def load_tokenizer(vq: VQConfig) -> Tokenizer:
+    """The toy tokenizer alone (no world model), with the weights of vq.init_from, in eval mode."""
+    tok = Tokenizer(vq)
+    load_weights(tok, read_state_dict(vq.init_from, "vq.init_from"), vq.init_from)
+    return tok.eval()
 
 
 def build_world_model(ar: ARConfig, vq: VQConfig) -> WorldModel:

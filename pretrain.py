@@ -171,9 +171,7 @@ def tokenizer_roundtrips(cfg: Config, device: torch.device) -> list:
     ae.init_from: the NFD world model's autoencoder), each frames uint8 [..., H, W, 3] -> the same shape."""
     trips = []
     if cfg.vq.init_from != "scratch" and not cfg.vq.diffusers_config:
-        tok = model_ar.Tokenizer(cfg.vq)
-        model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
-        tok.to(device).requires_grad_(False).eval()
+        tok = model_ar.load_tokenizer(cfg.vq).to(device).requires_grad_(False)
         trips.append(tok.roundtrip)
     if cfg.ae.init_from:
         ae = model_diffusion.FrameAE(cfg.ae)

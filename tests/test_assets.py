@@ -66,8 +66,7 @@ def test_the_laptop_ar_tokenizer_uses_its_codes_on_held_out_frames():
     frames (a collapsing codebook shows as a small share; docs/2026-12-04-ar-tokenizer.md), ids in range."""
     cfg, _ = config.parse(config.Config, ["configs/laptop_ar.yaml"])
     assert cfg.vq.kind == "fsq" and cfg.vq.grid == (8, 8) and cfg.ar.image_tokens == 64
-    tok = model_ar.Tokenizer(cfg.vq).eval()
-    model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
+    tok = model_ar.load_tokenizer(cfg.vq)
     held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=32))
     with torch.no_grad():
         ids = tok.encode(data.collate(held)["frames"].flatten(0, 1))  # [32·16, 64]

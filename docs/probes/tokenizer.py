@@ -25,8 +25,7 @@ import model_ar  # noqa: E402
 cfg = config.parse(config.Config, sys.argv[1:])[0]
 torch.set_num_threads(cfg.run.threads)
 held, _ = data.load_clips(dataclasses.replace(cfg.data, seed=cfg.eval.seed, max_clips=cfg.eval.clips))
-tok = model_ar.Tokenizer(cfg.vq).eval()
-model_ar.load_weights(tok, model_ar.read_state_dict(cfg.vq.init_from, "vq.init_from"), cfg.vq.init_from)
+tok = model_ar.load_tokenizer(cfg.vq)
 with torch.no_grad():
     frames = data.collate(held)["frames"]                                  # [N, 16, H, W, 3]
     ids = torch.cat([tok.encode(f) for f in frames.flatten(0, 1).split(256)])   # [N*16, h, w]
